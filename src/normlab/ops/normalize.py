@@ -1,0 +1,76 @@
+"""``normalize``: the one differentiable normalization, with an explicit backward.
+
+The backward is the hand-derived one of ``kernels.composite`` (what the fused kernels will
+replace), not autograd through the forward's chain of operations. Higher-order gradients
+(``create_graph=True``, e.g. a gradient penalty) are still exact: then the backward
+differentiates the composite forward again, so double backward works as in torch.nn.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normlab.kernels import composite
+
+
+def _normalize_graph(x, weight, bias, reduction_dims, eps, center, mean, var):
+    """The forward as ordinary autograd-tracked operations (used only for create_graph)."""
+    y, *_ = composite.normalize_forward(x, weight, bias, reduction_dims, eps, center, mean, var)
+    return y
+
+
+class _Normalize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, reduction_dims, eps, center, mean, var):
+        stats_given = mean is not None and var is not None
+        y, mean, rstd, var = composite.normalize_forward(
+            x, weight, bias, reduction_dims, eps, center, mean, var)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, var if stats_given else None)
+        ctx.config = (reduction_dims, eps, center, stats_given)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, bias, mean, rstd, given_var = ctx.saved_tensors
+        reduction_dims, eps, center, stats_given = ctx.config
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            return _double_differentiable_backward(ctx, dy) + (None,) * 5
+        dx, dweight, dbias = composite.normalize_backward(
+            dy, x, weight, bias, mean, rstd, reduction_dims, center, stats_given, needs)
+        return dx, dweight, dbias, None, None, None, None, None
+
+
+def _double_differentiable_backward(ctx, dy):
+    """create_graph=True: differentiate the composite forward so the result has a graph."""
+    x, weight, bias, mean, _rstd, given_var = ctx.saved_tensors
+    reduction_dims, eps, center, stats_given = ctx.config
+    inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True)
+              if need]
+    with torch.enable_grad():
+        y = _normalize_graph(x, weight, bias, reduction_dims, eps, center,
+                             mean if stats_given else None, given_var)
+        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
+
+
+def normalize(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    reduction_dims: tuple[int, ...],
+    eps: float,
+    *,
+    center: bool = True,
+    mean: torch.Tensor | None = None,
+    var: torch.Tensor | None = None,
+):
+    """y = weight * (x - mean) / sqrt(var + eps) + bias over ``reduction_dims``.
+
+    ``weight`` and ``bias`` must already broadcast against ``x``. With ``mean`` and ``var``
+    given (keepdim shape) they are used as constants; otherwise they are computed from ``x``
+    (``center=False``: mean 0, RMSNorm). Returns ``(y, mean, var)``, the statistics in the
+    accumulation dtype and without gradient.
+    """
+    return _Normalize.apply(x, weight, bias, tuple(reduction_dims), float(eps), center, mean, var)

@@ -1,0 +1,30 @@
+"""Tolerances per dtype, in one place: how close a backend must be to the float64 reference.
+
+float32/float64 compare the output to the reference computed from the same input values;
+half types are looser because the *output* is rounded to 8 (bf16) or 11 (fp16) bits.
+"""
+
+import torch
+
+TOLERANCES = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10},
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+}
+
+# Gradients of a normalization sum over the reduced elements, so they carry more rounding.
+GRAD_TOLERANCES = {
+    torch.float64: {"atol": 1e-9, "rtol": 1e-9},
+    torch.float32: {"atol": 2e-4, "rtol": 2e-4},
+    torch.float16: {"atol": 3e-2, "rtol": 3e-2},
+    torch.bfloat16: {"atol": 1.5e-1, "rtol": 1.5e-1},
+}
+
+
+def tol(dtype: torch.dtype) -> dict:
+    return TOLERANCES[dtype]
+
+
+def grad_tol(dtype: torch.dtype) -> dict:
+    return GRAD_TOLERANCES[dtype]
