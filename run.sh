@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One command to set up and run: ./run.sh demo | ./run.sh test
+# Creates .venv with the project installed, then runs the job. Needs only Python >= 3.10 and pip.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV="${NORMLAB_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+setup() {  # $1: the optional-dependency group to install ("" for none)
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  local pip=("$VENV/bin/python" -m pip --quiet --disable-pip-version-check)
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    # A CPU-only torch wheel from the machine's local wheel directory (pip's find-links),
+    # when there is one, avoids several GB of CUDA packages; otherwise the registry's torch.
+    "${pip[@]}" install --no-index --no-deps "torch>=2.4" 2>/dev/null || true
+  fi
+  "${pip[@]}" install -e ".${1:+[$1]}"
+}
+
+case "${1:-}" in
+  demo)
+    setup ""
+    "$VENV/bin/normlab" demo
+    ;;
+  test)
+    setup test
+    "$VENV/bin/ruff" check src tests
+    "$VENV/bin/python" -m pytest "${@:2}"
+    ;;
+  *)
+    echo "usage: ./run.sh demo | ./run.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac
