@@ -15,28 +15,35 @@ def check_floating(x: torch.Tensor, *, fn: str, argument: str = "input") -> None
         raise TypeError(f"{fn}: {argument} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def check_param(param: torch.Tensor | None, shape: Sequence[int], *, fn: str,
-                argument: str) -> None:
+def check_param(
+    param: torch.Tensor | None, shape: Sequence[int], *, fn: str, argument: str
+) -> None:
     """weight / bias / running statistics: None or exactly ``shape`` (no silent broadcasting)."""
     if param is None:
         return
     if not isinstance(param, torch.Tensor):
-        raise TypeError(f"{fn}: {argument} must be a torch.Tensor or None, "
-                        f"got {type(param).__name__}")
+        raise TypeError(
+            f"{fn}: {argument} must be a torch.Tensor or None, got {type(param).__name__}"
+        )
     if tuple(param.shape) != tuple(shape):
-        raise ValueError(f"{fn}: {argument} must have shape {tuple(shape)}, "
-                         f"got {tuple(param.shape)}")
+        raise ValueError(
+            f"{fn}: {argument} must have shape {tuple(shape)}, got {tuple(param.shape)}"
+        )
 
 
 def check_min_ndim(x: torch.Tensor, ndim: int, *, fn: str, layout: str) -> None:
     if x.dim() < ndim:
-        raise ValueError(f"{fn}: expected input of at least {ndim} dimensions {layout}, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{fn}: expected input of at least {ndim} dimensions {layout}, "
+            f"got shape {tuple(x.shape)}"
+        )
 
 
 def check_more_than_one_value(count: int, x: torch.Tensor, *, fn: str, per: str) -> None:
     """Training statistics of a single value are meaningless (variance 0): refuse, as torch.
     An empty input (count 0) is not refused: its output is empty."""
     if count == 1:
-        raise ValueError(f"{fn}: expected more than 1 value per {per} when training, "
-                         f"got input size {list(x.shape)}")
+        raise ValueError(
+            f"{fn}: expected more than 1 value per {per} when training, "
+            f"got input size {list(x.shape)}"
+        )

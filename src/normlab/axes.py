@@ -8,6 +8,7 @@ It is pure Python, shared by the NumPy reference and the torch implementation.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +42,8 @@ class NormAxes:
 
 
 def normalize_axis(axis: int, ndim: int, *, argument: str = "dim") -> int:
-    """Resolve a possibly negative axis against ``ndim``; out of range is an IndexError (as torch)."""
+    """Resolve a possibly negative axis against ``ndim``; out of range is an IndexError, as
+    in torch."""
     if isinstance(axis, bool) or not isinstance(axis, int):
         raise TypeError(f"{argument}: expected an int axis, got {type(axis).__name__} {axis!r}")
     if not -ndim <= axis < ndim:
@@ -56,8 +58,9 @@ def as_shape(shape: int | Sequence[int], *, argument: str = "normalized_shape") 
     """``normalized_shape`` as torch accepts it: an int or a sequence of positive ints."""
     dims = (shape,) if isinstance(shape, int) else tuple(shape)
     if not dims or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in dims):
-        raise ValueError(f"{argument}: expected a positive int or a non-empty sequence of them, "
-                         f"got {shape!r}")
+        raise ValueError(
+            f"{argument}: expected a positive int or a non-empty sequence of them, got {shape!r}"
+        )
     return dims
 
 
@@ -87,7 +90,7 @@ def feature_norm_axes(
         axes = tuple(range(ndim - len(normalized_shape), ndim))
     else:
         axes = tuple(normalize_axis(axis, ndim) for axis in dim)
-        if any(a >= b for a, b in zip(axes, axes[1:], strict=False)):
+        if any(a >= b for a, b in itertools.pairwise(axes)):
             raise ValueError(
                 f"dim: expected distinct axes in increasing order (matching the order of "
                 f"normalized_shape), got {dim!r} (resolved to {axes} for {ndim} dimensions)"
@@ -98,7 +101,8 @@ def feature_norm_axes(
 def channel_norm_axes(ndim: int, dim: int = 1) -> NormAxes:
     """BatchNorm: one feature (channel) over all samples and positions."""
     channel = normalize_axis(dim, ndim)
-    return NormAxes(ndim, reduction=tuple(a for a in range(ndim) if a != channel), feature=(channel,))
+    reduction = tuple(a for a in range(ndim) if a != channel)
+    return NormAxes(ndim, reduction=reduction, feature=(channel,))
 
 
 def instance_norm_axes(ndim: int) -> NormAxes:

@@ -29,8 +29,10 @@ def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center):
     actual = tuple(x.shape[a] for a in norm_axes.reduction)
     if actual != shape:
         where = "trailing shape" if dim is None else f"shape at dim {norm_axes.reduction}"
-        raise ValueError(f"{fn}: expected input with {where} {list(shape)} (normalized_shape), "
-                         f"got input of shape {list(x.shape)}")
+        raise ValueError(
+            f"{fn}: expected input with {where} {list(shape)} (normalized_shape), "
+            f"got input of shape {list(x.shape)}"
+        )
     check_param(weight, shape, fn=fn, argument="weight")
     check_param(bias, shape, fn=fn, argument="bias")
     param_shape = norm_axes.param_shape(x.shape)
@@ -38,7 +40,10 @@ def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center):
         x,
         None if weight is None else weight.reshape(param_shape),
         None if bias is None else bias.reshape(param_shape),
-        norm_axes.reduction, eps, center=center)
+        norm_axes.reduction,
+        eps,
+        center=center,
+    )
     return y
 
 
@@ -91,8 +96,12 @@ def batch_norm(
     norm_axes = _axes.channel_norm_axes(input.dim(), dim)
     channel = norm_axes.feature[0]
     num_features = input.shape[channel]
-    for name, param in (("running_mean", running_mean), ("running_var", running_var),
-                        ("weight", weight), ("bias", bias)):
+    for name, param in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
         check_param(param, (num_features,), fn=fn, argument=name)
     count = norm_axes.reduced_count(input.shape)
     param_shape = norm_axes.param_shape(input.shape)
@@ -102,17 +111,27 @@ def batch_norm(
 
     if not training:
         if running_mean is None or running_var is None:
-            raise ValueError(f"{fn}: running_mean and running_var are required when "
-                             f"training=False, got {type(running_mean).__name__} and "
-                             f"{type(running_var).__name__}")
-        y, _, _ = normalize(input, as_param(weight), as_param(bias), norm_axes.reduction, eps,
-                            mean=as_param(running_mean), var=as_param(running_var))
+            raise ValueError(
+                f"{fn}: running_mean and running_var are required when "
+                f"training=False, got {type(running_mean).__name__} and "
+                f"{type(running_var).__name__}"
+            )
+        y, _, _ = normalize(
+            input,
+            as_param(weight),
+            as_param(bias),
+            norm_axes.reduction,
+            eps,
+            mean=as_param(running_mean),
+            var=as_param(running_var),
+        )
         return y
 
     check_more_than_one_value(count, input, fn=fn, per="channel")
     y, mean, var = normalize(input, as_param(weight), as_param(bias), norm_axes.reduction, eps)
-    _update_running_stats(running_mean, running_var, mean.reshape(-1), var.reshape(-1),
-                          count, momentum)
+    _update_running_stats(
+        running_mean, running_var, mean.reshape(-1), var.reshape(-1), count, momentum
+    )
     return y
 
 
@@ -146,8 +165,12 @@ def instance_norm(
     check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
     norm_axes = _axes.instance_norm_axes(input.dim())
     num_features = input.shape[1]
-    for name, param in (("running_mean", running_mean), ("running_var", running_var),
-                        ("weight", weight), ("bias", bias)):
+    for name, param in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
         check_param(param, (num_features,), fn=fn, argument=name)
     param_shape = norm_axes.param_shape(input.shape)
 
@@ -156,20 +179,33 @@ def instance_norm(
 
     if not use_input_stats:
         if running_mean is None or running_var is None:
-            raise ValueError(f"{fn}: running_mean and running_var are required when "
-                             f"use_input_stats=False")
+            raise ValueError(
+                f"{fn}: running_mean and running_var are required when use_input_stats=False"
+            )
         stat_shape = (1, num_features) + (1,) * (input.dim() - 2)
-        y, _, _ = normalize(input, as_param(weight), as_param(bias), norm_axes.reduction, eps,
-                            mean=running_mean.reshape(stat_shape),
-                            var=running_var.reshape(stat_shape))
+        y, _, _ = normalize(
+            input,
+            as_param(weight),
+            as_param(bias),
+            norm_axes.reduction,
+            eps,
+            mean=running_mean.reshape(stat_shape),
+            var=running_var.reshape(stat_shape),
+        )
         return y
 
     count = norm_axes.reduced_count(input.shape)
     check_more_than_one_value(count, input, fn=fn, per="instance (spatial size 1)")
     y, mean, var = normalize(input, as_param(weight), as_param(bias), norm_axes.reduction, eps)
     n = input.shape[0]
-    _update_running_stats(running_mean, running_var, mean.reshape(n, num_features).mean(0),
-                          var.reshape(n, num_features).mean(0), count if n else 0, momentum)
+    _update_running_stats(
+        running_mean,
+        running_var,
+        mean.reshape(n, num_features).mean(0),
+        var.reshape(n, num_features).mean(0),
+        count if n else 0,
+        momentum,
+    )
     return y
 
 
@@ -189,9 +225,11 @@ def group_norm(
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
     if channels % num_groups:
-        raise ValueError(f"{fn}: the channel count must be divisible by num_groups, got "
-                         f"{channels} channels (input shape {list(input.shape)}) and "
-                         f"num_groups={num_groups}")
+        raise ValueError(
+            f"{fn}: the channel count must be divisible by num_groups, got "
+            f"{channels} channels (input shape {list(input.shape)}) and "
+            f"num_groups={num_groups}"
+        )
     check_param(weight, (channels,), fn=fn, argument="weight")
     check_param(bias, (channels,), fn=fn, argument="bias")
     grouped = _axes.grouped_shape(input.shape, num_groups)
@@ -201,7 +239,9 @@ def group_norm(
         input.reshape(grouped),
         None if weight is None else weight.reshape(param_shape),
         None if bias is None else bias.reshape(param_shape),
-        _axes.group_norm_axes().reduction, eps)
+        _axes.group_norm_axes().reduction,
+        eps,
+    )
     y = y.reshape(input.shape)
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
         y = y.contiguous(memory_format=torch.channels_last)

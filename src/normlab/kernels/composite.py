@@ -23,7 +23,8 @@ def statistics(x: torch.Tensor, reduction_dims: tuple[int, ...], center: bool):
         var = (xf - mean).square().mean(dim=reduction_dims, keepdim=True)
     else:
         mean = torch.zeros((), dtype=xf.dtype, device=xf.device).expand(
-            [1 if d in reduction_dims else n for d, n in enumerate(xf.shape)])
+            [1 if d in reduction_dims else n for d, n in enumerate(xf.shape)]
+        )
         var = xf.square().mean(dim=reduction_dims, keepdim=True)
     return mean, var
 
@@ -44,8 +45,9 @@ def normalize_forward(x, weight, bias, reduction_dims, eps, center, mean=None, v
     return y.to(x.dtype), mean, rstd, var
 
 
-def normalize_backward(dy, x, weight, bias, mean, rstd, reduction_dims, center, stats_given,
-                       needs=(True, True, True)):
+def normalize_backward(
+    dy, x, weight, bias, mean, rstd, reduction_dims, center, stats_given, needs=(True, True, True)
+):
     """Gradients (dx, dweight, dbias); an entry is None where ``needs`` says it is not wanted."""
     acc = accumulation_dtype(x.dtype)
     dyf = dy.to(acc)

@@ -44,18 +44,27 @@ def render() -> str:
     lines += [f"sample {i} {_row(x[i])}" for i in range(SAMPLES)]
     lines.append("")
 
-    left = _table("LayerNorm: each ROW shares one mean/std", [
-        f"{'':9}{header}{'mean':>9}{'std':>8}",
-        *(f"sample {i} {_row(y_ln[i])} {_row([ln_mean[i], ln_std[i]])}" for i in range(SAMPLES)),
-        "",
-        "",
-    ])
-    right = _table("BatchNorm (training): each COLUMN shares one mean/std", [
-        f"{header}",
-        *(_row(y_bn[i]) for i in range(SAMPLES)),
-        _row(bn_mean) + "  <- mean",
-        _row(bn_std) + "  <- std",
-    ])
+    left = _table(
+        "LayerNorm: each ROW shares one mean/std",
+        [
+            f"{'':9}{header}{'mean':>9}{'std':>8}",
+            *(
+                f"sample {i} {_row(y_ln[i])} {_row([ln_mean[i], ln_std[i]])}"
+                for i in range(SAMPLES)
+            ),
+            "",
+            "",
+        ],
+    )
+    right = _table(
+        "BatchNorm (training): each COLUMN shares one mean/std",
+        [
+            f"{header}",
+            *(_row(y_bn[i]) for i in range(SAMPLES)),
+            _row(bn_mean) + "  <- mean",
+            _row(bn_std) + "  <- std",
+        ],
+    )
     width = max(len(s) for s in left) + 4
     for a, b in zip(left, right, strict=True):
         lines.append(f"{a:<{width}}{b}")

@@ -26,11 +26,22 @@ class BatchNorm(NormWithRunningStats):
     track_running_stats=True, device, dtype, bias=True), plus ``dim``.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None, *, bias: bool = True, dim: int = 1) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype, bias=bias)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        dim: int = 1,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         self.dim = dim
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -38,8 +49,10 @@ class BatchNorm(NormWithRunningStats):
             raise ValueError(f"expected an input of at least 1 dimension, got {input.dim()}D")
         channel = normalize_axis(self.dim, input.dim())
         if input.shape[channel] != self.num_features:
-            raise ValueError(f"expected input's size at dim={self.dim} to match num_features "
-                             f"({self.num_features}), got input of shape {list(input.shape)}")
+            raise ValueError(
+                f"expected input's size at dim={self.dim} to match num_features "
+                f"({self.num_features}), got input of shape {list(input.shape)}"
+            )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -48,15 +61,20 @@ class BatchNorm(NormWithRunningStats):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None
-                                            and self.running_var is None)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Running statistics are passed only where they are used or updated, as torch does.
         pass_running = not self.training or self.track_running_stats
         return F.batch_norm(
             input,
             self.running_mean if pass_running else None,
             self.running_var if pass_running else None,
-            self.weight, self.bias, use_batch_stats, factor, self.eps, dim=self.dim)
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+            dim=self.dim,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.dim == 1 else f", dim={self.dim}")
@@ -68,17 +86,34 @@ class _BatchNormNd(BatchNorm):
     _ranks: tuple[int, ...] = ()
     _layout = ""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None, *, bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype, bias=bias, dim=1)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            dim=1,
+        )
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in self._ranks:
             expected = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(f"expected {expected} input {self._layout} "
-                             f"(got {input.dim()}D input)")
+            raise ValueError(f"expected {expected} input {self._layout} (got {input.dim()}D input)")
         super()._check_input_dim(input)
 
 

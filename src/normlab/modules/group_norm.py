@@ -18,12 +18,22 @@ class GroupNorm(nn.Module):
     Input (N, C, *spatial), output of the same shape.
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
-                 affine: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         if num_channels % num_groups != 0:
-            raise ValueError(f"num_channels ({num_channels}) must be divisible by "
-                             f"num_groups ({num_groups})")
+            raise ValueError(
+                f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
+            )
         self.num_groups = num_groups
         self.num_channels = num_channels
         self.eps = eps
@@ -48,10 +58,14 @@ class GroupNorm(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
-            raise ValueError(f"expected input with {self.num_channels} channels at dim=1, "
-                             f"got input of shape {list(input.shape)}")
+            raise ValueError(
+                f"expected input with {self.num_channels} channels at dim=1, "
+                f"got input of shape {list(input.shape)}"
+            )
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
-                f"affine={self.affine}, bias={self.bias is not None}")
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
+            f"affine={self.affine}, bias={self.bias is not None}"
+        )

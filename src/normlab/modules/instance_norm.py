@@ -23,49 +23,75 @@ class _InstanceNorm(NormWithRunningStats):
 
     _spatial_dims = 0
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = False, track_running_stats: bool = False, device=None,
-                 dtype=None, *, bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype, bias=bias)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # Version 1 (torch 0.4) stopped saving running stats when they are not tracked.
         if local_metadata.get("version", None) is None and not self.track_running_stats:
-            stale = [prefix + n for n in ("running_mean", "running_var")
-                     if prefix + n in state_dict]
+            stale = [
+                prefix + n for n in ("running_mean", "running_var") if prefix + n in state_dict
+            ]
             if stale:
                 error_msgs.append(
                     f"Unexpected running stats buffer(s) {stale} for "
-                    f"{type(self).__name__} with track_running_stats=False")
+                    f"{type(self).__name__} with track_running_stats=False"
+                )
                 for key in stale:
                     state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         unbatched = self._spatial_dims + 1
         if input.dim() not in (unbatched, unbatched + 1):
-            raise ValueError(f"expected {unbatched}D or {unbatched + 1}D input "
-                             f"(got {input.dim()}D input)")
+            raise ValueError(
+                f"expected {unbatched}D or {unbatched + 1}D input (got {input.dim()}D input)"
+            )
         channel_dim = input.dim() - unbatched
         if input.size(channel_dim) != self.num_features:
             if self.affine:
-                raise ValueError(f"expected input's size at dim={channel_dim} to match "
-                                 f"num_features ({self.num_features}), "
-                                 f"but got: {input.size(channel_dim)}.")
-            warnings.warn(f"input's size at dim={channel_dim} does not match num_features. "
-                          "num_features is not used because affine=False", stacklevel=2)
+                raise ValueError(
+                    f"expected input's size at dim={channel_dim} to match "
+                    f"num_features ({self.num_features}), "
+                    f"but got: {input.size(channel_dim)}."
+                )
+            warnings.warn(
+                f"input's size at dim={channel_dim} does not match num_features. "
+                "num_features is not used because affine=False",
+                stacklevel=2,
+            )
         if input.dim() == unbatched:
             return self._instance_norm(input.unsqueeze(0)).squeeze(0)
         return self._instance_norm(input)
 
     def _instance_norm(self, input: torch.Tensor) -> torch.Tensor:
         return F.instance_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias,
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
             self.training or not self.track_running_stats,
-            self.momentum if self.momentum is not None else 0.0, self.eps)
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
 
 
 class InstanceNorm1d(_InstanceNorm):

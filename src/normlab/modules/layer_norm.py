@@ -80,13 +80,16 @@ class LayerNorm(_FeatureNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, dim, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
-                            dim=self.dim)
+        return F.layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, dim=self.dim
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}, "
-                f"bias={self.bias is not None}{self._dim_repr()}")
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}{self._dim_repr()}"
+        )
 
 
 class RMSNorm(_FeatureNorm):
@@ -114,5 +117,7 @@ class RMSNorm(_FeatureNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, dim=self.dim)
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}{self._dim_repr()}")
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}{self._dim_repr()}"
+        )

@@ -14,12 +14,20 @@ from torch import nn
 class NormWithRunningStats(nn.Module):
     _version = 2  # version 2 added num_batches_tracked (as torch)
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None, *, bias: bool = True) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) \
-                or num_features < 1:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -39,8 +47,9 @@ class NormWithRunningStats(nn.Module):
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked",
-                                 torch.tensor(0, dtype=torch.long, device=device))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
@@ -61,19 +70,25 @@ class NormWithRunningStats(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, bias={self.bias is not None}, "
-                f"track_running_stats={self.track_running_stats}")
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         # Checkpoints from before version 2 have no num_batches_tracked: start it at 0.
-        if (version is None or version < 2) and self.track_running_stats \
-                and key not in state_dict:
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
             current = self.num_batches_tracked
-            state_dict[key] = (current if current is not None and current.device.type != "meta"
-                               else torch.tensor(0, dtype=torch.long))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+            state_dict[key] = (
+                current
+                if current is not None and current.device.type != "meta"
+                else torch.tensor(0, dtype=torch.long)
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

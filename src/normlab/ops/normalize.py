@@ -24,7 +24,8 @@ class _Normalize(torch.autograd.Function):
     def forward(ctx, x, weight, bias, reduction_dims, eps, center, mean, var):
         stats_given = mean is not None and var is not None
         y, mean, rstd, var = composite.normalize_forward(
-            x, weight, bias, reduction_dims, eps, center, mean, var)
+            x, weight, bias, reduction_dims, eps, center, mean, var
+        )
         ctx.save_for_backward(x, weight, bias, mean, rstd, var if stats_given else None)
         ctx.config = (reduction_dims, eps, center, stats_given)
         ctx.mark_non_differentiable(mean, var)
@@ -32,13 +33,22 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        x, weight, bias, mean, rstd, given_var = ctx.saved_tensors
-        reduction_dims, eps, center, stats_given = ctx.config
-        needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # create_graph=True
             return _double_differentiable_backward(ctx, dy) + (None,) * 5
+        x, weight, bias, mean, rstd, _ = ctx.saved_tensors
+        reduction_dims, _, center, stats_given = ctx.config
         dx, dweight, dbias = composite.normalize_backward(
-            dy, x, weight, bias, mean, rstd, reduction_dims, center, stats_given, needs)
+            dy,
+            x,
+            weight,
+            bias,
+            mean,
+            rstd,
+            reduction_dims,
+            center,
+            stats_given,
+            ctx.needs_input_grad[:3],
+        )
         return dx, dweight, dbias, None, None, None, None, None
 
 
@@ -46,11 +56,13 @@ def _double_differentiable_backward(ctx, dy):
     """create_graph=True: differentiate the composite forward so the result has a graph."""
     x, weight, bias, mean, _rstd, given_var = ctx.saved_tensors
     reduction_dims, eps, center, stats_given = ctx.config
-    inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True)
-              if need]
+    inputs = [
+        t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True) if need
+    ]
     with torch.enable_grad():
-        y = _normalize_graph(x, weight, bias, reduction_dims, eps, center,
-                             mean if stats_given else None, given_var)
+        y = _normalize_graph(
+            x, weight, bias, reduction_dims, eps, center, mean if stats_given else None, given_var
+        )
         grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
     return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
 

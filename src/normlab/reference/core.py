@@ -47,8 +47,9 @@ def statistics(x, axes: NormAxes, *, center: bool = True):
     return mean, var
 
 
-def normalize(x, axes: NormAxes, weight=None, bias=None, eps=1e-5, *, center=True,
-              mean=None, var=None):
+def normalize(
+    x, axes: NormAxes, weight=None, bias=None, eps=1e-5, *, center=True, mean=None, var=None
+):
     """y = weight * (x - mean) / sqrt(var + eps) + bias; statistics from x unless given."""
     x = _f64(x)
     if mean is None or var is None:
@@ -62,8 +63,9 @@ def normalize(x, axes: NormAxes, weight=None, bias=None, eps=1e-5, *, center=Tru
     return y
 
 
-def normalize_backward(dy, x, axes: NormAxes, weight=None, bias=None, eps=1e-5, *, center=True,
-                       mean=None, var=None):
+def normalize_backward(
+    dy, x, axes: NormAxes, weight=None, bias=None, eps=1e-5, *, center=True, mean=None, var=None
+):
     """Gradients (dx, dweight, dbias) of :func:`normalize`; dweight/dbias are None when the
     parameter is None. Given statistics are constants (no gradient flows through them)."""
     x, dy = _f64(x), _f64(dy)

@@ -27,6 +27,7 @@ def _default_rms_eps(x, eps):
 
 # --- LayerNorm: all features of one sample -----------------------------------------------
 
+
 def _feature_axes(x, normalized_shape, dim):
     shape = as_shape(normalized_shape)
     return feature_norm_axes(np.ndim(x), shape, as_dims(dim, len(shape)))
@@ -42,6 +43,7 @@ def layer_norm_backward(dy, x, normalized_shape, weight=None, bias=None, eps=1e-
 
 # --- RMSNorm: LayerNorm without centring and without bias --------------------------------
 
+
 def rms_norm(x, normalized_shape, weight=None, eps=None, dim=None):
     axes = _feature_axes(x, normalized_shape, dim)
     return normalize(x, axes, weight, None, _default_rms_eps(x, eps), center=False)
@@ -49,12 +51,14 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, dim=None):
 
 def rms_norm_backward(dy, x, normalized_shape, weight=None, eps=None, dim=None):
     axes = _feature_axes(x, normalized_shape, dim)
-    dx, dweight, _ = normalize_backward(dy, x, axes, weight, None, _default_rms_eps(x, eps),
-                                        center=False)
+    dx, dweight, _ = normalize_backward(
+        dy, x, axes, weight, None, _default_rms_eps(x, eps), center=False
+    )
     return dx, dweight, None
 
 
 # --- BatchNorm: one feature over all samples (and positions) -----------------------------
+
 
 def batch_norm_train(x, weight=None, bias=None, eps=1e-5, dim=1):
     """Training mode: normalize with the batch statistics."""
@@ -77,8 +81,9 @@ def batch_norm_eval(x, running_mean, running_var, weight=None, bias=None, eps=1e
     return normalize(x, axes, weight, bias, eps, mean=mean, var=var)
 
 
-def batch_norm_eval_backward(dy, x, running_mean, running_var, weight=None, bias=None, eps=1e-5,
-                             dim=1):
+def batch_norm_eval_backward(
+    dy, x, running_mean, running_var, weight=None, bias=None, eps=1e-5, dim=1
+):
     axes, mean, var = _running_stats(x, running_mean, running_var, dim)
     return normalize_backward(dy, x, axes, weight, bias, eps, mean=mean, var=var)
 
@@ -96,11 +101,18 @@ def batch_norm_update_running_stats(x, running_mean, running_var, momentum=0.1, 
     """The running statistics after one training step of BatchNorm on ``x``."""
     axes = channel_norm_axes(np.ndim(x), dim)
     mean, var = statistics(x, axes)
-    return updated_running_stats(running_mean, running_var, mean.ravel(), var.ravel(),
-                                 axes.reduced_count(np.shape(x)), momentum)
+    return updated_running_stats(
+        running_mean,
+        running_var,
+        mean.ravel(),
+        var.ravel(),
+        axes.reduced_count(np.shape(x)),
+        momentum,
+    )
 
 
 # --- InstanceNorm: one channel of one sample, over positions -----------------------------
+
 
 def instance_norm(x, weight=None, bias=None, eps=1e-5):
     return normalize(x, instance_norm_axes(np.ndim(x)), weight, bias, eps)
@@ -115,12 +127,18 @@ def instance_norm_update_running_stats(x, running_mean, running_var, momentum=0.
     axes = instance_norm_axes(np.ndim(x))
     mean, var = statistics(x, axes)
     n, c = np.shape(x)[:2]
-    return updated_running_stats(running_mean, running_var,
-                                 mean.reshape(n, c).mean(axis=0), var.reshape(n, c).mean(axis=0),
-                                 axes.reduced_count(np.shape(x)), momentum)
+    return updated_running_stats(
+        running_mean,
+        running_var,
+        mean.reshape(n, c).mean(axis=0),
+        var.reshape(n, c).mean(axis=0),
+        axes.reduced_count(np.shape(x)),
+        momentum,
+    )
 
 
 # --- GroupNorm: a group of channels of one sample, over positions -------------------------
+
 
 def _grouped(x, num_groups, dy=None):
     shape = grouped_shape(np.shape(x), num_groups)
@@ -133,16 +151,28 @@ def _grouped_param(param, num_groups):
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     xg, _ = _grouped(x, num_groups)
-    y = normalize(xg, group_norm_axes(), _grouped_param(weight, num_groups),
-                  _grouped_param(bias, num_groups), eps)
+    y = normalize(
+        xg,
+        group_norm_axes(),
+        _grouped_param(weight, num_groups),
+        _grouped_param(bias, num_groups),
+        eps,
+    )
     return y.reshape(np.shape(x))
 
 
 def group_norm_backward(dy, x, num_groups, weight=None, bias=None, eps=1e-5):
     xg, dyg = _grouped(x, num_groups, dy)
     dx, dweight, dbias = normalize_backward(
-        dyg, xg, group_norm_axes(), _grouped_param(weight, num_groups),
-        _grouped_param(bias, num_groups), eps)
-    return (dx.reshape(np.shape(x)),
-            None if dweight is None else dweight.ravel(),
-            None if dbias is None else dbias.ravel())
+        dyg,
+        xg,
+        group_norm_axes(),
+        _grouped_param(weight, num_groups),
+        _grouped_param(bias, num_groups),
+        eps,
+    )
+    return (
+        dx.reshape(np.shape(x)),
+        None if dweight is None else dweight.ravel(),
+        None if dbias is None else dbias.ravel(),
+    )
