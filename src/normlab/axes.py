@@ -9,6 +9,7 @@ It is pure Python, shared by the NumPy reference and the torch implementation.
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,13 +55,30 @@ def normalize_axis(axis: int, ndim: int, *, argument: str = "dim") -> int:
     return axis % ndim
 
 
+def _as_int_tuple(value, *, argument: str, expected: str) -> tuple[int, ...]:
+    """An int (or numpy integer) or a sequence of them, as a tuple of Python ints."""
+    items = (value,) if isinstance(value, numbers.Integral) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(
+            f"{argument}: expected {expected}, got {type(value).__name__} {value!r}"
+        ) from None
+    for n in items:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(
+                f"{argument}: expected {expected}, got {value!r} "
+                f"(entry {n!r} is a {type(n).__name__})"
+            )
+    return tuple(int(n) for n in items)
+
+
 def as_shape(shape: int | Sequence[int], *, argument: str = "normalized_shape") -> tuple[int, ...]:
     """``normalized_shape`` as torch accepts it: an int or a sequence of positive ints."""
-    dims = (shape,) if isinstance(shape, int) else tuple(shape)
-    if not dims or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in dims):
-        raise ValueError(
-            f"{argument}: expected a positive int or a non-empty sequence of them, got {shape!r}"
-        )
+    expected = "a positive int or a non-empty sequence of them"
+    dims = _as_int_tuple(shape, argument=argument, expected=expected)
+    if not dims or any(n < 1 for n in dims):
+        raise ValueError(f"{argument}: expected {expected}, got {shape!r}")
     return dims
 
 
@@ -68,7 +86,7 @@ def as_dims(dim: int | Sequence[int] | None, count: int) -> tuple[int, ...] | No
     """The ``dim`` argument of LayerNorm/RMSNorm as a tuple (None stays None: trailing axes)."""
     if dim is None:
         return None
-    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    dims = _as_int_tuple(dim, argument="dim", expected="an int axis or a sequence of int axes")
     if len(dims) != count:
         raise ValueError(
             f"dim: expected {count} axis/axes, one for each entry of normalized_shape, got {dim!r}"

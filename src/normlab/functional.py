@@ -180,7 +180,8 @@ def instance_norm(
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError(
-                f"{fn}: running_mean and running_var are required when use_input_stats=False"
+                f"{fn}: running_mean and running_var are required when use_input_stats=False, "
+                f"got {type(running_mean).__name__} and {type(running_var).__name__}"
             )
         stat_shape = (1, num_features) + (1,) * (input.dim() - 2)
         y, _, _ = normalize(

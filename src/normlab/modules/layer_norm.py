@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -17,9 +16,7 @@ class _FeatureNorm(nn.Module):
 
     def __init__(self, normalized_shape, eps, elementwise_affine, bias, dim, device, dtype):
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = as_shape(tuple(normalized_shape))
+        self.normalized_shape = as_shape(normalized_shape)
         self.dim = as_dims(dim, len(self.normalized_shape))
         self.eps = eps
         self.elementwise_affine = elementwise_affine
