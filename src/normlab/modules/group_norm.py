@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from normlab import functional as F
+from normlab.modules.affine import register_affine, reset_affine
 
 
 class GroupNorm(nn.Module):
@@ -39,22 +40,11 @@ class GroupNorm(nn.Module):
         self.eps = eps
         self.affine = affine
         factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, (num_channels,), affine, bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() >= 2 and input.shape[1] != self.num_channels:

@@ -9,6 +9,7 @@ from torch import nn
 
 from normlab import functional as F
 from normlab.axes import as_dims, as_shape
+from normlab.modules.affine import register_affine, reset_affine
 
 
 class _FeatureNorm(nn.Module):
@@ -21,22 +22,11 @@ class _FeatureNorm(nn.Module):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, self.normalized_shape, elementwise_affine, bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def _dim_repr(self) -> str:
         return "" if self.dim is None else f", dim={self.dim if len(self.dim) > 1 else self.dim[0]}"
