@@ -4,17 +4,23 @@ Drop-in for the torch.nn layers (same arguments, defaults and state_dict keys), 
 float64 NumPy reference (``normlab.reference``) that every backend is tested against.
 """
 
-from normlab import functional, reference
+from normlab import functional, masks, reference
+from normlab.masks import lengths_to_mask
 from normlab.modules import (
     BatchNorm,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchRenorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
     GroupNorm,
     InstanceNorm1d,
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    PowerNorm,
     RMSNorm,
 )
 
@@ -25,13 +31,20 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "PowerNorm",
     "RMSNorm",
     "__version__",
     "functional",
+    "lengths_to_mask",
+    "masks",
     "reference",
 ]

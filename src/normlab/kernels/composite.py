@@ -15,25 +15,42 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def statistics(x: torch.Tensor, reduction_dims: tuple[int, ...], center: bool):
-    """Per-group mean and biased variance (keepdim), two-pass, in the accumulation dtype."""
-    xf = x.to(accumulation_dtype(x.dtype))
-    if center:
-        mean = xf.mean(dim=reduction_dims, keepdim=True)
-        var = (xf - mean).square().mean(dim=reduction_dims, keepdim=True)
+def mask_count(mask: torch.Tensor, shape, reduction_dims: tuple[int, ...]) -> torch.Tensor:
+    """How many real elements share each statistic: the mask (broadcastable to ``shape``)
+    summed over the reduction axes, keepdim. Reads only the mask, never x."""
+    full = [n if d in reduction_dims else mask.shape[d] for d, n in enumerate(shape)]
+    return torch.broadcast_to(mask, full).sum(dim=reduction_dims, keepdim=True)
+
+
+def statistics(x: torch.Tensor, reduction_dims: tuple[int, ...], center: bool, mask=None):
+    """Per-group mean and biased variance (keepdim), two-pass, in the accumulation dtype.
+
+    With ``mask`` (bool, broadcastable to x; True = real) only real elements count: the sums
+    are weighted by the mask and divided by the real count. x is read in place, not gathered.
+    """
+    acc = accumulation_dtype(x.dtype)
+    xf = x.to(acc)
+    if mask is None:
+        mean_r = lambda t: t.mean(dim=reduction_dims, keepdim=True)  # noqa: E731
     else:
-        mean = torch.zeros((), dtype=xf.dtype, device=xf.device).expand(
-            [1 if d in reduction_dims else n for d, n in enumerate(xf.shape)]
-        )
-        var = xf.square().mean(dim=reduction_dims, keepdim=True)
+        weight = mask.to(acc)
+        count = mask_count(mask, x.shape, reduction_dims).to(acc)
+        mean_r = lambda t: (t * weight).sum(dim=reduction_dims, keepdim=True) / count  # noqa: E731
+    if center:
+        mean = mean_r(xf)
+        var = mean_r((xf - mean).square())
+    else:
+        var = mean_r(xf.square())
+        mean = torch.zeros((), dtype=acc, device=x.device).expand(var.shape)
     return mean, var
 
 
-def normalize_forward(x, weight, bias, reduction_dims, eps, center, mean=None, var=None):
+def normalize_forward(x, weight, bias, reduction_dims, eps, center, mean=None, var=None, mask=None):
     """Returns (y, mean, rstd, var). ``weight``/``bias`` broadcast against ``x`` (or None);
-    ``mean``/``var`` are used as given when both are passed (BatchNorm eval)."""
+    ``mean``/``var`` are used as given when both are passed (BatchNorm eval); ``mask``
+    restricts the statistics to real elements (every element is normalized)."""
     if mean is None or var is None:
-        mean, var = statistics(x, reduction_dims, center)
+        mean, var = statistics(x, reduction_dims, center, mask)
     acc = accumulation_dtype(x.dtype)
     mean, var = mean.to(acc), var.to(acc)
     rstd = torch.rsqrt(var + eps)
@@ -46,9 +63,24 @@ def normalize_forward(x, weight, bias, reduction_dims, eps, center, mean=None, v
 
 
 def normalize_backward(
-    dy, x, weight, bias, mean, rstd, reduction_dims, center, stats_given, needs=(True, True, True)
+    dy,
+    x,
+    weight,
+    bias,
+    mean,
+    rstd,
+    reduction_dims,
+    center,
+    stats_given,
+    needs=(True, True, True),
+    mask=None,
 ):
-    """Gradients (dx, dweight, dbias); an entry is None where ``needs`` says it is not wanted."""
+    """Gradients (dx, dweight, dbias); an entry is None where ``needs`` says it is not wanted.
+
+    With a mask m and real count n the statistics depend on real elements only, so
+    dx = rstd * (g - m * sum_R(g) / n - m * xhat * sum_R(g * xhat) / n), the sums over all
+    elements (padded outputs depend on the statistics too).
+    """
     acc = accumulation_dtype(x.dtype)
     dyf = dy.to(acc)
     xhat = (x.to(acc) - mean) * rstd
@@ -59,9 +91,22 @@ def normalize_backward(
         if stats_given:
             dx = g * rstd
         else:
-            proj = (g * xhat).mean(dim=reduction_dims, keepdim=True)
-            centred = g - g.mean(dim=reduction_dims, keepdim=True) if center else g
-            dx = (centred - xhat * proj) * rstd
+            if mask is None:
+                scale = None
+                count = 1
+                for d in reduction_dims:
+                    count *= x.shape[d]
+            else:
+                scale = mask.to(acc)
+                count = mask_count(mask, x.shape, reduction_dims).to(acc)
+
+            def spread(total):  # d(statistic)/dx_i is nonzero only at real elements
+                return total / count if scale is None else scale * (total / count)
+
+            dx = g - spread((g * xhat).sum(dim=reduction_dims, keepdim=True)) * xhat
+            if center:
+                dx = dx - spread(g.sum(dim=reduction_dims, keepdim=True))
+            dx = dx * rstd
         dx = dx.to(x.dtype)
     dweight = None
     if weight is not None and needs[1]:

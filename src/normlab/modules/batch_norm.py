@@ -1,4 +1,5 @@
-"""BatchNorm modules: ``BatchNorm`` with the channel axis anywhere, and torch's 1d/2d/3d."""
+"""BatchNorm modules: ``BatchNorm`` with the channel axis anywhere, masks and ghost batches,
+and torch's fixed-rank BatchNorm1d/2d/3d."""
 
 from __future__ import annotations
 
@@ -22,8 +23,19 @@ class BatchNorm(NormWithRunningStats):
     ``num_batches_tracked`` batches seen. In eval the running statistics are used, or the
     batch statistics when ``track_running_stats=False``.
 
+    Padding: ``forward(input, mask=None, lengths=None)``. ``mask`` is a bool tensor shaped
+    like the input without the channel axis (or broadcastable to it), True at real elements;
+    ``lengths`` (one int per sample) builds it for inputs with one sequence axis ((B, C, L)
+    or (B, L, C)). Statistics and running statistics count real elements only; padded
+    positions are normalized with the same statistics (the output stays dense).
+
+    Ghost BatchNorm: ``virtual_batch_size=v`` normalizes each group of v samples (along axis
+    0) with its own statistics in training; the running statistics, updated with their
+    average, serve inference as usual.
+
     Args: as ``torch.nn.BatchNorm1d`` (num_features, eps=1e-5, momentum=0.1, affine=True,
-    track_running_stats=True, device, dtype, bias=True), plus ``dim``.
+    track_running_stats=True, device, dtype, bias=True), plus ``dim`` and
+    ``virtual_batch_size``.
     """
 
     def __init__(
@@ -38,11 +50,13 @@ class BatchNorm(NormWithRunningStats):
         *,
         bias: bool = True,
         dim: int = 1,
+        virtual_batch_size: int | None = None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.dim = dim
+        self.virtual_batch_size = virtual_batch_size
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 1:
@@ -54,13 +68,14 @@ class BatchNorm(NormWithRunningStats):
                 f"({self.num_features}), got input of shape {list(input.shape)}"
             )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self._training_step_factor()
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Running statistics are passed only where they are used or updated, as torch does.
         pass_running = not self.training or self.track_running_stats
@@ -74,18 +89,32 @@ class BatchNorm(NormWithRunningStats):
             factor,
             self.eps,
             dim=self.dim,
+            mask=mask,
+            lengths=lengths,
+            virtual_batch_size=self.virtual_batch_size,
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.dim == 1 else f", dim={self.dim}")
+        extra = "" if self.dim == 1 else f", dim={self.dim}"
+        if self.virtual_batch_size is not None:
+            extra += f", virtual_batch_size={self.virtual_batch_size}"
+        return super().extra_repr() + extra
 
 
-class _BatchNormNd(BatchNorm):
-    """torch's fixed-rank BatchNorm: channels at axis 1 and an input rank check."""
+class FixedRank:
+    """torch's fixed-rank norms: channels at axis 1 and an input rank check."""
 
     _ranks: tuple[int, ...] = ()
     _layout = ""
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in self._ranks:
+            expected = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"expected {expected} input {self._layout} (got {input.dim()}D input)")
+        super()._check_input_dim(input)
+
+
+class _BatchNormNd(FixedRank, BatchNorm):
     def __init__(
         self,
         num_features: int,
@@ -97,6 +126,7 @@ class _BatchNormNd(BatchNorm):
         dtype=None,
         *,
         bias: bool = True,
+        virtual_batch_size: int | None = None,
     ) -> None:
         super().__init__(
             num_features,
@@ -108,13 +138,8 @@ class _BatchNormNd(BatchNorm):
             dtype,
             bias=bias,
             dim=1,
+            virtual_batch_size=virtual_batch_size,
         )
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() not in self._ranks:
-            expected = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(f"expected {expected} input {self._layout} (got {input.dim()}D input)")
-        super()._check_input_dim(input)
 
 
 class BatchNorm1d(_BatchNormNd):

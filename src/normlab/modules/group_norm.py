@@ -17,6 +17,10 @@ class GroupNorm(nn.Module):
 
     One group is LayerNorm over (C, *spatial); ``num_channels`` groups is InstanceNorm.
     Input (N, C, *spatial), output of the same shape.
+
+    Padding: ``forward(input, mask=None, lengths=None)``; ``mask`` is bool (N, *spatial)
+    (True = real), ``lengths`` one int per sample for (N, C, L). Each group's statistics
+    count its real positions only; padded positions are normalized with them.
     """
 
     def __init__(
@@ -46,13 +50,20 @@ class GroupNorm(nn.Module):
     def reset_parameters(self) -> None:
         reset_affine(self)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
             raise ValueError(
                 f"expected input with {self.num_channels} channels at dim=1, "
                 f"got input of shape {list(input.shape)}"
             )
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return F.group_norm(
+            input, self.num_groups, self.weight, self.bias, self.eps, mask=mask, lengths=lengths
+        )
 
     def extra_repr(self) -> str:
         return (

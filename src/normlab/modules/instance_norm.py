@@ -19,6 +19,10 @@ class _InstanceNorm(NormWithRunningStats):
     ``track_running_stats=True`` training updates the running statistics with the batch
     average of the per-instance statistics and eval uses them. Unbatched input (without N)
     is accepted.
+
+    Padding: ``forward(input, mask=None, lengths=None)``; ``mask`` is bool (N, *spatial)
+    (True = real), ``lengths`` one int per sample for (N, C, L). Each instance's statistics
+    count its real positions only; padded positions are normalized with them.
     """
 
     _spatial_dims = 0
@@ -58,7 +62,12 @@ class _InstanceNorm(NormWithRunningStats):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         unbatched = self._spatial_dims + 1
         if input.dim() not in (unbatched, unbatched + 1):
             raise ValueError(
@@ -78,10 +87,14 @@ class _InstanceNorm(NormWithRunningStats):
                 stacklevel=2,
             )
         if input.dim() == unbatched:
-            return self._instance_norm(input.unsqueeze(0)).squeeze(0)
-        return self._instance_norm(input)
+            if mask is not None:
+                mask = mask.unsqueeze(0)
+            if lengths is not None:
+                lengths = torch.as_tensor(lengths).reshape(1)
+            return self._instance_norm(input.unsqueeze(0), mask, lengths).squeeze(0)
+        return self._instance_norm(input, mask, lengths)
 
-    def _instance_norm(self, input: torch.Tensor) -> torch.Tensor:
+    def _instance_norm(self, input, mask, lengths) -> torch.Tensor:
         return F.instance_norm(
             input,
             self.running_mean,
@@ -91,6 +104,8 @@ class _InstanceNorm(NormWithRunningStats):
             self.training or not self.track_running_stats,
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
+            mask=mask,
+            lengths=lengths,
         )
 
 

@@ -50,6 +50,16 @@ class NormWithRunningStats(nn.Module):
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
 
+    def _training_step_factor(self) -> float:
+        """Count a training step (when tracking) and return the running-average factor:
+        ``momentum``, or 1 / num_batches_tracked (cumulative average) when it is None."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()

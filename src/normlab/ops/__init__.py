@@ -1,5 +1,6 @@
-"""Differentiable operations: the forward of a backend with its explicit backward attached."""
+"""Differentiable operations: a backend's forward with its explicit backward attached."""
 
 from normlab.ops.normalize import normalize
+from normlab.ops.power_norm import power_norm_approx
 
-__all__ = ["normalize"]
+__all__ = ["normalize", "power_norm_approx"]

@@ -15,6 +15,12 @@ Backward, with g = weight * dy and the statistics computed from x:
     dweight = sum over the non-feature axes of dy * xhat
     dbias   = sum over the non-feature axes of dy
 
+With a mask m (1 = real element, 0 = padding) the statistics count real elements only,
+with n = sum_R m in place of M, and every element (padding too) is normalized with them:
+
+    mean = (1/n) sum_R m * x        var = (1/n) sum_R m * (x - mean)^2
+    dx   = (g - m * sum_R(g) / n - m * xhat * sum_R(g * xhat) / n) / sqrt(var + eps)
+
 Everything is float64 NumPy: this module is the oracle the fast paths are tested against.
 """
 
@@ -36,24 +42,35 @@ def _broadcast_param(param, axes: NormAxes, shape):
     return _f64(param).reshape(axes.param_shape(shape))
 
 
-def statistics(x, axes: NormAxes, *, center: bool = True):
-    """Per-group mean and biased variance (keepdims), two-pass."""
+def statistics(x, axes: NormAxes, *, center: bool = True, mask=None):
+    """Per-group mean and biased variance (keepdims), two-pass, over real elements."""
     x = _f64(x)
+    m = np.ones_like(x) if mask is None else np.broadcast_to(_f64(mask), x.shape)
+    count = m.sum(axis=axes.reduction, keepdims=True)
     if center:
-        mean = x.mean(axis=axes.reduction, keepdims=True)
+        mean = (m * x).sum(axis=axes.reduction, keepdims=True) / count
     else:
         mean = np.zeros(axes.stat_shape(x.shape))
-    var = np.square(x - mean).mean(axis=axes.reduction, keepdims=True)
+    var = (m * np.square(x - mean)).sum(axis=axes.reduction, keepdims=True) / count
     return mean, var
 
 
 def normalize(
-    x, axes: NormAxes, weight=None, bias=None, eps=1e-5, *, center=True, mean=None, var=None
+    x,
+    axes: NormAxes,
+    weight=None,
+    bias=None,
+    eps=1e-5,
+    *,
+    center=True,
+    mean=None,
+    var=None,
+    mask=None,
 ):
     """y = weight * (x - mean) / sqrt(var + eps) + bias; statistics from x unless given."""
     x = _f64(x)
     if mean is None or var is None:
-        mean, var = statistics(x, axes, center=center)
+        mean, var = statistics(x, axes, center=center, mask=mask)
     xhat = (x - mean) / np.sqrt(var + eps)
     y = xhat
     if weight is not None:
@@ -64,27 +81,39 @@ def normalize(
 
 
 def normalize_backward(
-    dy, x, axes: NormAxes, weight=None, bias=None, eps=1e-5, *, center=True, mean=None, var=None
+    dy,
+    x,
+    axes: NormAxes,
+    weight=None,
+    bias=None,
+    eps=1e-5,
+    *,
+    center=True,
+    mean=None,
+    var=None,
+    mask=None,
 ):
     """Gradients (dx, dweight, dbias) of :func:`normalize`; dweight/dbias are None when the
     parameter is None. Given statistics are constants (no gradient flows through them)."""
     x, dy = _f64(x), _f64(dy)
     stats_given = mean is not None and var is not None
     if not stats_given:
-        mean, var = statistics(x, axes, center=center)
+        mean, var = statistics(x, axes, center=center, mask=mask)
     rstd = 1.0 / np.sqrt(var + eps)
     xhat = (x - mean) * rstd
     g = dy if weight is None else dy * _broadcast_param(weight, axes, x.shape)
+    m = np.ones_like(x) if mask is None else np.broadcast_to(_f64(mask), x.shape)
+    count = m.sum(axis=axes.reduction, keepdims=True)
 
-    def mean_r(t):
-        return t.mean(axis=axes.reduction, keepdims=True)
+    def sum_r(t):
+        return t.sum(axis=axes.reduction, keepdims=True)
 
     if stats_given:
         dx = g * rstd
     elif center:
-        dx = (g - mean_r(g) - xhat * mean_r(g * xhat)) * rstd
+        dx = (g - m * sum_r(g) / count - m * xhat * sum_r(g * xhat) / count) * rstd
     else:
-        dx = (g - xhat * mean_r(g * xhat)) * rstd
+        dx = (g - m * xhat * sum_r(g * xhat) / count) * rstd
 
     batch_axes = tuple(a for a in range(x.ndim) if a not in axes.feature)
     dweight = None if weight is None else (dy * xhat).sum(axis=batch_axes).reshape(np.shape(weight))

@@ -1,0 +1,22 @@
+"""Functional API, signature-compatible with ``torch.nn.functional`` (plus normlab's ``dim``,
+``mask`` and ``lengths``), and the norms torch lacks (batch renormalization, PowerNorm).
+
+Each function resolves its norm's axes (``normlab.axes``), validates its input and calls the
+one differentiable normalization (``normlab.ops``).
+"""
+
+from normlab.functional.batch import batch_norm, batch_renorm
+from normlab.functional.feature import layer_norm, rms_norm
+from normlab.functional.group import group_norm
+from normlab.functional.instance import instance_norm
+from normlab.functional.power import power_norm
+
+__all__ = [
+    "batch_norm",
+    "batch_renorm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "power_norm",
+    "rms_norm",
+]

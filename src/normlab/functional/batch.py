@@ -1,0 +1,219 @@
+"""BatchNorm (masked, ghost) and Batch Renormalization: one channel over all samples."""
+
+from __future__ import annotations
+
+import torch
+
+from normlab import axes as _axes
+from normlab._checks import check_floating, check_min_ndim
+from normlab.functional.statistics import (
+    as_param,
+    check_channel_params,
+    check_enough_values,
+    real_count,
+    update_running_stats,
+)
+from normlab.kernels import composite
+from normlab.masks import channel_mask
+from normlab.ops import normalize
+
+
+def _prepare(fn, input, running_mean, running_var, weight, bias, dim, mask, lengths):
+    check_floating(input, fn=fn)
+    check_min_ndim(input, 1, fn=fn, layout="(..., C, ...)")
+    norm_axes = _axes.channel_norm_axes(input.dim(), dim)
+    channel = norm_axes.feature[0]
+    check_channel_params(
+        fn,
+        input.shape[channel],
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
+    )
+    return norm_axes, channel_mask(input, channel, mask, lengths, fn=fn)
+
+
+def _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, flag):
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{fn}: running_mean and running_var are required when {flag}, got "
+            f"{type(running_mean).__name__} and {type(running_var).__name__}"
+        )
+    shape = norm_axes.param_shape(input.shape)
+    y, _, _ = normalize(
+        input,
+        as_param(weight, shape),
+        as_param(bias, shape),
+        norm_axes.reduction,
+        eps,
+        mean=as_param(running_mean, shape),
+        var=as_param(running_var, shape),
+    )
+    return y
+
+
+def _virtual_batches(input, mask, norm_axes, virtual_batch_size, fn):
+    """Ghost BatchNorm: view (B, ...) as (B // v, v, ...) and keep axis 0 (the virtual batch)
+    out of the reduction, so each virtual batch has its own statistics."""
+    if virtual_batch_size is None:
+        return input, mask, norm_axes
+    channel = norm_axes.feature[0]
+    batch = input.shape[0]
+    if (
+        isinstance(virtual_batch_size, bool)
+        or not isinstance(virtual_batch_size, int)
+        or virtual_batch_size < 1
+    ):
+        raise ValueError(
+            f"{fn}: virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}"
+        )
+    if channel == 0:
+        raise ValueError(f"{fn}: virtual batches split axis 0, which is the channel axis here")
+    if batch % virtual_batch_size:
+        raise ValueError(
+            f"{fn}: the batch size must be divisible by virtual_batch_size, got "
+            f"batch {batch} (input shape {list(input.shape)}) and "
+            f"virtual_batch_size={virtual_batch_size}"
+        )
+    groups = batch // virtual_batch_size
+    x = input.reshape(groups, virtual_batch_size, *input.shape[1:])
+    if mask is not None:
+        mask = (
+            mask.unsqueeze(0)
+            if mask.shape[0] == 1
+            else mask.reshape(groups, virtual_batch_size, *mask.shape[1:])
+        )
+    reduction = tuple(d for d in range(x.dim()) if d not in (0, channel + 1))
+    return x, mask, _axes.NormAxes(x.dim(), reduction=reduction, feature=(0, channel + 1))
+
+
+def _batch_statistics_norm(
+    fn, input, norm_axes, mask, weight, bias, eps, virtual_batch_size, affine=None
+):
+    """Normalize with batch statistics. Returns (y, mean (K, C), var (K, C), count) where K is
+    the number of virtual batches (1 without ghost batches). ``affine`` maps the batch
+    statistics to the (weight, bias) to apply, for batch renormalization."""
+    x, m, axes = _virtual_batches(input, mask, norm_axes, virtual_batch_size, fn)
+    count = real_count(x, axes.reduction, m)
+    check_enough_values(count, input, fn=fn, per="channel", masked=m is not None)
+    channel = norm_axes.feature[0]
+    param_shape = [1] * x.dim()
+    param_shape[axes.feature[-1]] = input.shape[channel]
+    weight, bias = as_param(weight, param_shape), as_param(bias, param_shape)
+    if affine is not None:
+        with torch.no_grad():
+            mean, var = composite.statistics(x, axes.reduction, True, m)
+        weight, bias = affine(mean, var, weight, bias)
+    y, mean, var = normalize(x, weight, bias, axes.reduction, eps, mask=m)
+    groups = x.shape[0] if virtual_batch_size is not None else 1
+    return y.reshape(input.shape), mean.reshape(groups, -1), var.reshape(groups, -1), count
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    dim: int = 1,
+    *,
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    virtual_batch_size: int | None = None,
+) -> torch.Tensor:
+    """Batch normalization of the channel axis ``dim`` (default 1, as torch; ``dim=-1`` for
+    ``(batch, length, features)``).
+
+    In training the batch statistics normalize the input and, when given, update
+    ``running_mean``/``running_var`` in place with factor ``momentum`` (variance unbiased).
+    Otherwise the running statistics are used.
+
+    ``mask`` (bool, the input's shape without the channel axis; True = real) or ``lengths``
+    restrict the statistics to real elements; every element, padding included, is normalized
+    with them. ``virtual_batch_size`` (ghost BatchNorm) splits the batch axis 0 into virtual
+    batches with their own statistics; the running statistics are updated with their average.
+    """
+    fn = "batch_norm"
+    norm_axes, mask = _prepare(
+        fn, input, running_mean, running_var, weight, bias, dim, mask, lengths
+    )
+    if not training:
+        return _eval(
+            fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
+        )
+    y, mean, var, count = _batch_statistics_norm(
+        fn, input, norm_axes, mask, weight, bias, eps, virtual_batch_size
+    )
+    update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return y
+
+
+def batch_renorm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    dim: int = 1,
+    *,
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Batch Renormalization (Ioffe, NeurIPS 2017, arXiv:1702.03275).
+
+    In training, with the batch statistics :math:`\mu_B, \sigma_B = \sqrt{\sigma^2_B+\epsilon}`
+    and the running ones :math:`\mu, \sigma = \sqrt{\mathrm{running\_var}+\epsilon}`:
+
+    .. math::
+        r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}(\sigma_B / \sigma), \quad
+        d = \mathrm{clip}_{[-d_{max},\, d_{max}]}((\mu_B - \mu) / \sigma)
+
+        y = \gamma \left(\frac{x - \mu_B}{\sigma_B}\, r + d\right) + \beta
+
+    r and d are constants for the gradient (as in the paper), so the output in training is
+    that of inference up to the clipping. The running statistics update as in
+    :func:`batch_norm` (afterwards). ``r_max=1, d_max=0`` is BatchNorm. In eval the running
+    statistics are used. ``mask``/``lengths`` as in :func:`batch_norm`.
+    """
+    fn = "batch_renorm"
+    norm_axes, mask = _prepare(
+        fn, input, running_mean, running_var, weight, bias, dim, mask, lengths
+    )
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{fn}: running_mean and running_var are required (the correction r, "
+            f"d is relative to them), got {type(running_mean).__name__} and "
+            f"{type(running_var).__name__}"
+        )
+    if not r_max >= 1 or not d_max >= 0:
+        raise ValueError(
+            f"{fn}: expected r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}"
+        )
+    if not training:
+        return _eval(
+            fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
+        )
+
+    def renorm_affine(mean, var, weight, bias):
+        shape = mean.shape
+        running_std = (running_var.to(var.dtype).reshape(shape) + eps).sqrt()
+        r = ((var + eps).sqrt() / running_std).clamp(1.0 / r_max, r_max)
+        d = ((mean - running_mean.to(mean.dtype).reshape(shape)) / running_std).clamp(-d_max, d_max)
+        new_weight = r if weight is None else weight * r
+        new_bias = d if weight is None else weight * d
+        return new_weight, new_bias if bias is None else new_bias + bias
+
+    y, mean, var, count = _batch_statistics_norm(
+        fn, input, norm_axes, mask, weight, bias, eps, None, affine=renorm_affine
+    )
+    update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return y

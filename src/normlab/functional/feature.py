@@ -1,0 +1,64 @@
+"""LayerNorm and RMSNorm: the statistics of one sample's features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from normlab import axes as _axes
+from normlab._checks import check_floating, check_param
+from normlab.ops import normalize
+
+
+def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center):
+    check_floating(x, fn=fn)
+    shape = _axes.as_shape(normalized_shape)
+    norm_axes = _axes.feature_norm_axes(x.dim(), shape, _axes.as_dims(dim, len(shape)))
+    actual = tuple(x.shape[a] for a in norm_axes.reduction)
+    if actual != shape:
+        where = "trailing shape" if dim is None else f"shape at dim {norm_axes.reduction}"
+        raise ValueError(
+            f"{fn}: expected input with {where} {list(shape)} (normalized_shape), "
+            f"got input of shape {list(x.shape)}"
+        )
+    check_param(weight, shape, fn=fn, argument="weight")
+    check_param(bias, shape, fn=fn, argument="bias")
+    param_shape = norm_axes.param_shape(x.shape)
+    y, _, _ = normalize(
+        x,
+        None if weight is None else weight.reshape(param_shape),
+        None if bias is None else bias.reshape(param_shape),
+        norm_axes.reduction,
+        eps,
+        center=center,
+    )
+    return y
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    dim: int | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Layer normalization over the axes ``dim`` (default: the trailing ``len(normalized_shape)``
+    axes, as ``torch.nn.functional.layer_norm``). ``dim=1`` normalizes the channels of an
+    NCHW tensor in place of a permute."""
+    return _feature_norm("layer_norm", input, normalized_shape, weight, bias, eps, dim, True)
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    dim: int | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Root-mean-square normalization: x / sqrt(mean(x^2) + eps) * weight. ``eps=None`` is the
+    machine epsilon of the input dtype, as ``torch.nn.functional.rms_norm``."""
+    if eps is None and isinstance(input, torch.Tensor) and input.is_floating_point():
+        eps = torch.finfo(input.dtype).eps
+    return _feature_norm("rms_norm", input, normalized_shape, weight, None, eps, dim, False)

@@ -1,0 +1,65 @@
+"""GroupNorm: a group of channels of one sample, with all their positions."""
+
+from __future__ import annotations
+
+import torch
+
+from normlab import axes as _axes
+from normlab._checks import check_floating, check_min_ndim
+from normlab.functional.statistics import (
+    as_param,
+    check_channel_params,
+    check_enough_values,
+    real_count,
+)
+from normlab.masks import channel_mask
+from normlab.ops import normalize
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Group normalization of (N, C, *spatial): the C // num_groups channels of a group and all
+    their positions, per sample, share a mean and variance; weight and bias are per channel.
+
+    ``mask`` (bool, (N, *spatial); True = real) or ``lengths`` (for (N, C, L)) restrict the
+    statistics to real positions; padding is normalized with them too."""
+    fn = "group_norm"
+    check_floating(input, fn=fn)
+    check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
+    channels = input.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
+    if channels % num_groups:
+        raise ValueError(
+            f"{fn}: the channel count must be divisible by num_groups, got "
+            f"{channels} channels (input shape {list(input.shape)}) and "
+            f"num_groups={num_groups}"
+        )
+    check_channel_params(fn, channels, weight=weight, bias=bias)
+    mask = channel_mask(input, 1, mask, lengths, fn=fn)
+    grouped = _axes.grouped_shape(input.shape, num_groups)
+    x = input.reshape(grouped)
+    if mask is not None:  # (N, 1, *spatial) -> (N, 1, 1, S), as the grouped view of x
+        spatial = [n for n in input.shape[2:]]
+        mask = torch.broadcast_to(mask, [mask.shape[0], 1, *spatial]).reshape(
+            mask.shape[0], 1, 1, grouped[3]
+        )
+    reduction = _axes.group_norm_axes().reduction
+    count = real_count(x, reduction, mask)
+    check_enough_values(count, input, fn=fn, per="group", masked=mask is not None)
+    param_shape = (1, num_groups, channels // num_groups, 1)
+    y, _, _ = normalize(
+        x, as_param(weight, param_shape), as_param(bias, param_shape), reduction, eps, mask=mask
+    )
+    y = y.reshape(input.shape)
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y

@@ -1,0 +1,88 @@
+"""InstanceNorm: one channel of one sample over its positions."""
+
+from __future__ import annotations
+
+import torch
+
+from normlab import axes as _axes
+from normlab._checks import check_floating, check_min_ndim
+from normlab.functional.statistics import (
+    as_param,
+    check_channel_params,
+    check_enough_values,
+    real_count,
+    update_running_stats,
+)
+from normlab.masks import channel_mask
+from normlab.ops import normalize
+
+
+def instance_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Instance normalization of (N, C, *spatial): each channel of each sample over its
+    positions. With ``use_input_stats`` the running statistics (if given) are updated with
+    the batch average of the per-instance statistics, as torch.
+
+    ``mask`` (bool, (N, *spatial); True = real) or ``lengths`` (for (N, C, L)) restrict each
+    instance's statistics to its real positions; padding is normalized with them too."""
+    fn = "instance_norm"
+    check_floating(input, fn=fn)
+    check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
+    norm_axes = _axes.instance_norm_axes(input.dim())
+    num_features = input.shape[1]
+    check_channel_params(
+        fn,
+        num_features,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
+    )
+    mask = channel_mask(input, 1, mask, lengths, fn=fn)
+    shape = norm_axes.param_shape(input.shape)
+    weight, bias = as_param(weight, shape), as_param(bias, shape)
+
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                f"{fn}: running_mean and running_var are required when use_input_stats=False, "
+                f"got {type(running_mean).__name__} and {type(running_var).__name__}"
+            )
+        y, _, _ = normalize(
+            input,
+            weight,
+            bias,
+            norm_axes.reduction,
+            eps,
+            mean=as_param(running_mean, shape),
+            var=as_param(running_var, shape),
+        )
+        return y
+
+    count = real_count(input, norm_axes.reduction, mask)
+    check_enough_values(
+        count, input, fn=fn, per="instance (sample, channel)", masked=mask is not None
+    )
+    y, mean, var = normalize(input, weight, bias, norm_axes.reduction, eps, mask=mask)
+    n = input.shape[0]
+    if n:
+        update_running_stats(
+            running_mean,
+            running_var,
+            mean.reshape(n, num_features),
+            var.reshape(n, num_features),
+            count,
+            momentum,
+        )
+    return y

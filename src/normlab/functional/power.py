@@ -1,0 +1,111 @@
+"""PowerNorm (Shen et al., ICML 2020): BatchNorm without centring, normalized by a running
+quadratic mean, with an approximate backward."""
+
+from __future__ import annotations
+
+import torch
+
+from normlab import axes as _axes
+from normlab._checks import check_floating, check_min_ndim
+from normlab.functional.statistics import (
+    as_param,
+    check_channel_params,
+    check_enough_values,
+    real_count,
+)
+from normlab.kernels import composite
+from normlab.masks import channel_mask
+from normlab.ops import normalize, power_norm_approx
+
+
+def power_norm(
+    input: torch.Tensor,
+    running_phi: torch.Tensor,
+    running_grad_stat: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    alpha_bkw: float = 0.9,
+    eps: float = 1e-5,
+    dim: int = -1,
+    *,
+    warmup: bool = False,
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""PowerNorm of the channel axis ``dim`` (default -1: (batch, length, features)).
+
+    With :math:`\psi^2_B` the quadratic mean of the batch per channel (over real elements),
+    ``running_phi`` :math:`\psi^2` and ``running_grad_stat`` :math:`\nu`:
+
+    - eval: :math:`y = \gamma\, x / \sqrt{\psi^2 + \epsilon} + \beta`.
+    - training, ``warmup=True``: :math:`y = \gamma\, x / \sqrt{\psi_B^2 + \epsilon} + \beta`,
+      exact gradient (an uncentred BatchNorm).
+    - training after warmup: the forward divides by the running :math:`\psi^2` of the previous
+      step; the backward is the paper's approximation
+      :math:`\partial x = (\gamma\,\partial y - \nu\,\hat x) / \sqrt{\psi^2+\epsilon}` and
+      updates ``running_grad_stat`` in place (``alpha_bkw``).
+
+    In training ``running_phi`` is then moved towards :math:`\psi^2_B` by ``momentum``
+    (:math:`1 - \alpha_{fwd}` in the paper). Padding (``mask``/``lengths``) enters neither
+    :math:`\psi^2_B` nor the gradient statistics.
+    """
+    fn = "power_norm"
+    check_floating(input, fn=fn)
+    check_min_ndim(input, 1, fn=fn, layout="(..., C, ...)")
+    norm_axes = _axes.channel_norm_axes(input.dim(), dim)
+    channel = norm_axes.feature[0]
+    check_channel_params(
+        fn,
+        input.shape[channel],
+        running_phi=running_phi,
+        running_grad_stat=running_grad_stat,
+        weight=weight,
+        bias=bias,
+    )
+    for name, buffer in (("running_phi", running_phi), ("running_grad_stat", running_grad_stat)):
+        if buffer is None:
+            raise ValueError(f"{fn}: {name} is required, got None")
+    mask = channel_mask(input, channel, mask, lengths, fn=fn)
+    shape = norm_axes.param_shape(input.shape)
+    weight, bias = as_param(weight, shape), as_param(bias, shape)
+    if not training:
+        y, _, _ = normalize(
+            input,
+            weight,
+            bias,
+            norm_axes.reduction,
+            eps,
+            center=False,
+            mean=torch.zeros_like(running_phi).reshape(shape),
+            var=running_phi.reshape(shape),
+        )
+        return y
+
+    count = real_count(input, norm_axes.reduction, mask)
+    check_enough_values(count, input, fn=fn, per="channel", masked=mask is not None)
+    if warmup:
+        y, _, batch_phi = normalize(
+            input, weight, bias, norm_axes.reduction, eps, center=False, mask=mask
+        )
+    else:
+        with torch.no_grad():
+            _, batch_phi = composite.statistics(input, norm_axes.reduction, False, mask)
+        previous_phi = running_phi.detach().clone().reshape(shape)
+        y = power_norm_approx(
+            input,
+            weight,
+            bias,
+            previous_phi,
+            running_grad_stat,
+            norm_axes.reduction,
+            eps,
+            alpha_bkw,
+            mask,
+        )
+    if isinstance(count, int) and count < 2:  # empty batch: nothing to learn from
+        return y
+    with torch.no_grad():
+        running_phi.lerp_(batch_phi.reshape(-1).to(running_phi.dtype), momentum)
+    return y

@@ -1,0 +1,65 @@
+"""PowerNorm after warmup in plain torch operations: the forward divides by the *running*
+quadratic mean, the backward is the paper's approximate backpropagation.
+
+Shen et al., "PowerNorm: Rethinking Batch Normalization in Transformers", ICML 2020,
+Algorithm 1. With psi^2 the running quadratic mean (before this step's update), nu the
+running gradient statistic, alpha = alpha_bkw and g = weight * dy:
+
+    xhat  = x / sqrt(psi^2 + eps)              y = weight * xhat + bias
+    dx    = (g - nu * xhat) / sqrt(psi^2 + eps)
+    nu'   = nu * (1 - (1 - alpha) * Gamma) + (1 - alpha) * Lambda
+    Gamma = mean over real elements of xhat^2,  Lambda = mean over real elements of g * xhat
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from normlab.kernels.composite import accumulation_dtype, mask_count
+
+
+def power_norm_forward(x, weight, bias, phi, eps):
+    """y = weight * x / sqrt(phi + eps) + bias, ``phi`` broadcastable (keepdim)."""
+    acc = accumulation_dtype(x.dtype)
+    y = x.to(acc) * torch.rsqrt(phi.to(acc) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def power_norm_backward(
+    dy, x, weight, bias, phi, nu, reduction_dims, eps, alpha_bkw, mask, needs=(True, True, True)
+):
+    """Returns (dx, dweight, dbias, new_nu); ``nu`` and ``new_nu`` broadcast like ``phi``."""
+    acc = accumulation_dtype(x.dtype)
+    dyf = dy.to(acc)
+    rstd = torch.rsqrt(phi.to(acc) + eps)
+    xhat = x.to(acc) * rstd
+    g = dyf if weight is None else dyf * weight.to(acc)
+    nu = nu.to(acc)
+
+    if mask is None:
+        weight_r, count = 1.0, math.prod(x.shape[d] for d in reduction_dims)
+    else:
+        weight_r = mask.to(acc)
+        count = mask_count(mask, x.shape, reduction_dims).to(acc)
+
+    def real_mean(t):
+        return (t * weight_r).sum(dim=reduction_dims, keepdim=True) / count
+
+    gamma = real_mean(xhat.square())
+    lam = real_mean(g * xhat)
+    new_nu = nu * (1 - (1 - alpha_bkw) * gamma) + (1 - alpha_bkw) * lam
+
+    dx = ((g - nu * xhat) * rstd).to(x.dtype) if needs[0] else None
+    dweight = None
+    if weight is not None and needs[1]:
+        dweight = (dyf * xhat).sum_to_size(weight.shape).to(weight.dtype)
+    dbias = None
+    if bias is not None and needs[2]:
+        dbias = dyf.sum_to_size(bias.shape).to(bias.dtype)
+    return dx, dweight, dbias, new_nu
