@@ -58,15 +58,55 @@ def rms_norm_backward(dy, x, normalized_shape, weight=None, eps=None, dim=None):
 
 
 # --- BatchNorm: one feature over all samples (and positions) -----------------------------
+#
+# ``mask`` (1 = real, 0 = padding) is shaped like x without the channel axis; it gets a
+# size-1 channel axis so it broadcasts. Ghost BatchNorm (``virtual_batch_size``) is literally
+# BatchNorm applied to each consecutive group of samples.
 
 
-def batch_norm_train(x, weight=None, bias=None, eps=1e-5, dim=1):
-    """Training mode: normalize with the batch statistics."""
-    return normalize(x, channel_norm_axes(np.ndim(x), dim), weight, bias, eps)
+def _channel_mask(mask, channel_axis):
+    return None if mask is None else np.expand_dims(_f64(mask), channel_axis)
 
 
-def batch_norm_train_backward(dy, x, weight=None, bias=None, eps=1e-5, dim=1):
-    return normalize_backward(dy, x, channel_norm_axes(np.ndim(x), dim), weight, bias, eps)
+def _bn_axes_and_mask(x, dim, mask):
+    axes = channel_norm_axes(np.ndim(x), dim)
+    return axes, _channel_mask(mask, axes.feature[0])
+
+
+def _virtual_batches(x, mask, virtual_batch_size, *arrays):
+    """Split x (and mask, dy, ... along axis 0) into consecutive virtual batches."""
+    size = np.shape(x)[0] if virtual_batch_size is None else virtual_batch_size
+    for start in range(0, np.shape(x)[0], size):
+        rows = slice(start, start + size)
+        part_mask = None
+        if mask is not None:
+            part_mask = mask if np.shape(mask)[0] == 1 else np.asarray(mask)[rows]
+        yield (np.asarray(x)[rows], part_mask, *(np.asarray(a)[rows] for a in arrays))
+
+
+def batch_norm_train(
+    x, weight=None, bias=None, eps=1e-5, dim=1, mask=None, virtual_batch_size=None
+):
+    """Training mode: normalize with the batch statistics (of real elements, per virtual
+    batch)."""
+    parts = []
+    for xv, mv in _virtual_batches(x, mask, virtual_batch_size):
+        axes, m = _bn_axes_and_mask(xv, dim, mv)
+        parts.append(normalize(xv, axes, weight, bias, eps, mask=m))
+    return np.concatenate(parts, axis=0)
+
+
+def batch_norm_train_backward(
+    dy, x, weight=None, bias=None, eps=1e-5, dim=1, mask=None, virtual_batch_size=None
+):
+    dxs, dweight, dbias = [], None, None
+    for xv, mv, dyv in _virtual_batches(x, mask, virtual_batch_size, dy):
+        axes, m = _bn_axes_and_mask(xv, dim, mv)
+        dx, dw, db = normalize_backward(dyv, xv, axes, weight, bias, eps, mask=m)
+        dxs.append(dx)
+        dweight = dw if dweight is None else dweight + dw
+        dbias = db if dbias is None else dbias + db
+    return np.concatenate(dxs, axis=0), dweight, dbias
 
 
 def _running_stats(x, running_mean, running_var, dim):
@@ -90,50 +130,59 @@ def batch_norm_eval_backward(
 
 def updated_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum):
     """One step of torch's running statistics: an exponential moving average with factor
-    ``momentum`` of the batch mean and the *unbiased* batch variance (``count`` values)."""
+    ``momentum`` of the batch mean and the *unbiased* batch variance (``count`` values).
+    With several sets of statistics (rows of ``batch_mean``), their average is used."""
     unbiased_var = _f64(batch_var) * count / (count - 1)
+    if np.ndim(unbiased_var) == 2:
+        batch_mean, unbiased_var = np.mean(batch_mean, axis=0), unbiased_var.mean(axis=0)
     new_mean = (1 - momentum) * _f64(running_mean) + momentum * _f64(batch_mean)
     new_var = (1 - momentum) * _f64(running_var) + momentum * unbiased_var
     return new_mean, new_var
 
 
-def batch_norm_update_running_stats(x, running_mean, running_var, momentum=0.1, dim=1):
-    """The running statistics after one training step of BatchNorm on ``x``."""
-    axes = channel_norm_axes(np.ndim(x), dim)
-    mean, var = statistics(x, axes)
+def batch_norm_update_running_stats(
+    x, running_mean, running_var, momentum=0.1, dim=1, mask=None, virtual_batch_size=None
+):
+    """The running statistics after one training step of BatchNorm on ``x`` (real elements
+    only; with virtual batches, the average of their statistics)."""
+    means, variances, counts = [], [], []
+    for xv, mv in _virtual_batches(x, mask, virtual_batch_size):
+        axes, m = _bn_axes_and_mask(xv, dim, mv)
+        mean, var = statistics(xv, axes, mask=m)
+        full = np.ones(np.shape(xv)) if m is None else np.broadcast_to(m, np.shape(xv))
+        means.append(mean.ravel())
+        variances.append(var.ravel())
+        counts.append(full.sum(axis=axes.reduction).ravel())
     return updated_running_stats(
-        running_mean,
-        running_var,
-        mean.ravel(),
-        var.ravel(),
-        axes.reduced_count(np.shape(x)),
-        momentum,
+        running_mean, running_var, np.stack(means), np.stack(variances), np.stack(counts), momentum
     )
 
 
 # --- InstanceNorm: one channel of one sample, over positions -----------------------------
 
 
-def instance_norm(x, weight=None, bias=None, eps=1e-5):
-    return normalize(x, instance_norm_axes(np.ndim(x)), weight, bias, eps)
+def instance_norm(x, weight=None, bias=None, eps=1e-5, mask=None):
+    return normalize(
+        x, instance_norm_axes(np.ndim(x)), weight, bias, eps, mask=_channel_mask(mask, 1)
+    )
 
 
-def instance_norm_backward(dy, x, weight=None, bias=None, eps=1e-5):
-    return normalize_backward(dy, x, instance_norm_axes(np.ndim(x)), weight, bias, eps)
+def instance_norm_backward(dy, x, weight=None, bias=None, eps=1e-5, mask=None):
+    return normalize_backward(
+        dy, x, instance_norm_axes(np.ndim(x)), weight, bias, eps, mask=_channel_mask(mask, 1)
+    )
 
 
-def instance_norm_update_running_stats(x, running_mean, running_var, momentum=0.1):
+def instance_norm_update_running_stats(x, running_mean, running_var, momentum=0.1, mask=None):
     """torch averages the per-instance statistics over the batch before the update."""
     axes = instance_norm_axes(np.ndim(x))
-    mean, var = statistics(x, axes)
+    m = _channel_mask(mask, 1)
+    mean, var = statistics(x, axes, mask=m)
     n, c = np.shape(x)[:2]
+    full = np.ones(np.shape(x)) if m is None else np.broadcast_to(m, np.shape(x))
+    count = full.sum(axis=axes.reduction).reshape(n, c)
     return updated_running_stats(
-        running_mean,
-        running_var,
-        mean.reshape(n, c).mean(axis=0),
-        var.reshape(n, c).mean(axis=0),
-        axes.reduced_count(np.shape(x)),
-        momentum,
+        running_mean, running_var, mean.reshape(n, c), var.reshape(n, c), count, momentum
     )
 
 
@@ -149,7 +198,15 @@ def _grouped_param(param, num_groups):
     return None if param is None else _f64(param).reshape(num_groups, -1)
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+def _grouped_mask(mask, x):
+    """(N, *spatial) -> (N, 1, 1, S), the grouped view's shape."""
+    if mask is None:
+        return None
+    n, spatial = np.shape(x)[0], np.shape(x)[2:]
+    return np.broadcast_to(_f64(mask), (n, *spatial)).reshape(n, 1, 1, -1)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, mask=None):
     xg, _ = _grouped(x, num_groups)
     y = normalize(
         xg,
@@ -157,11 +214,12 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
         _grouped_param(weight, num_groups),
         _grouped_param(bias, num_groups),
         eps,
+        mask=_grouped_mask(mask, x),
     )
     return y.reshape(np.shape(x))
 
 
-def group_norm_backward(dy, x, num_groups, weight=None, bias=None, eps=1e-5):
+def group_norm_backward(dy, x, num_groups, weight=None, bias=None, eps=1e-5, mask=None):
     xg, dyg = _grouped(x, num_groups, dy)
     dx, dweight, dbias = normalize_backward(
         dyg,
@@ -170,6 +228,7 @@ def group_norm_backward(dy, x, num_groups, weight=None, bias=None, eps=1e-5):
         _grouped_param(weight, num_groups),
         _grouped_param(bias, num_groups),
         eps,
+        mask=_grouped_mask(mask, x),
     )
     return (
         dx.reshape(np.shape(x)),
