@@ -37,13 +37,3 @@ def check_min_ndim(x: torch.Tensor, ndim: int, *, fn: str, layout: str) -> None:
             f"{fn}: expected input of at least {ndim} dimensions {layout}, "
             f"got shape {tuple(x.shape)}"
         )
-
-
-def check_more_than_one_value(count: int, x: torch.Tensor, *, fn: str, per: str) -> None:
-    """Training statistics of a single value are meaningless (variance 0): refuse, as torch.
-    An empty input (count 0) is not refused: its output is empty."""
-    if count == 1:
-        raise ValueError(
-            f"{fn}: expected more than 1 value per {per} when training, "
-            f"got input size {list(x.shape)}"
-        )

@@ -31,11 +31,17 @@ def statistics(x: torch.Tensor, reduction_dims: tuple[int, ...], center: bool, m
     acc = accumulation_dtype(x.dtype)
     xf = x.to(acc)
     if mask is None:
-        mean_r = lambda t: t.mean(dim=reduction_dims, keepdim=True)  # noqa: E731
+
+        def mean_r(t):
+            return t.mean(dim=reduction_dims, keepdim=True)
+
     else:
         weight = mask.to(acc)
         count = mask_count(mask, x.shape, reduction_dims).to(acc)
-        mean_r = lambda t: (t * weight).sum(dim=reduction_dims, keepdim=True) / count  # noqa: E731
+
+        def mean_r(t):
+            return (t * weight).sum(dim=reduction_dims, keepdim=True) / count
+
     if center:
         mean = mean_r(xf)
         var = mean_r((xf - mean).square())
