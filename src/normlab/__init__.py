@@ -22,6 +22,7 @@ from normlab.modules import (
     LayerNorm,
     PowerNorm,
     RMSNorm,
+    renorm_limits,
 )
 
 __version__ = "0.1.0"
@@ -47,4 +48,5 @@ __all__ = [
     "lengths_to_mask",
     "masks",
     "reference",
+    "renorm_limits",
 ]

@@ -60,11 +60,13 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum) 
     sample for InstanceNorm, one per virtual batch for ghost BatchNorm), averaged over K.
     ``count`` is an int or broadcasts against (K, C).
     """
+    if running_mean is None and running_var is None:
+        return
     if isinstance(count, int):
         if count < 2:  # an empty batch carries no statistics
             return
-    else:
-        count = count.to(var.dtype).reshape(var.shape[0], -1)
+    else:  # keepdim counts, possibly broadcast over samples or channels -> (K, C)
+        count = torch.broadcast_to(count.to(var.dtype).reshape(count.shape[0], -1), var.shape)
     if running_mean is not None:
         running_mean.lerp_(mean.mean(0).to(running_mean.dtype), momentum)
     if running_var is not None:

@@ -36,11 +36,10 @@ def statistics(x: torch.Tensor, reduction_dims: tuple[int, ...], center: bool, m
             return t.mean(dim=reduction_dims, keepdim=True)
 
     else:
-        weight = mask.to(acc)
         count = mask_count(mask, x.shape, reduction_dims).to(acc)
 
-        def mean_r(t):
-            return (t * weight).sum(dim=reduction_dims, keepdim=True) / count
+        def mean_r(t):  # select, not multiply: NaN/Inf in padding must not leak in
+            return torch.where(mask, t, 0).sum(dim=reduction_dims, keepdim=True) / count
 
     if center:
         mean = mean_r(xf)
@@ -109,14 +108,20 @@ def normalize_backward(
             def spread(total):  # d(statistic)/dx_i is nonzero only at real elements
                 return total / count if scale is None else scale * (total / count)
 
-            dx = g - spread((g * xhat).sum(dim=reduction_dims, keepdim=True)) * xhat
+            g_xhat = g * xhat
+            if mask is not None:  # padding with dy = 0 adds nothing, even if x is NaN there
+                g_xhat = torch.where(g == 0, 0, g_xhat)
+            dx = g - spread(g_xhat.sum(dim=reduction_dims, keepdim=True)) * xhat
             if center:
                 dx = dx - spread(g.sum(dim=reduction_dims, keepdim=True))
             dx = dx * rstd
         dx = dx.to(x.dtype)
     dweight = None
     if weight is not None and needs[1]:
-        dweight = (dyf * xhat).sum_to_size(weight.shape).to(weight.dtype)
+        dy_xhat = dyf * xhat
+        if mask is not None:  # padding with dy = 0 adds nothing, even if x is NaN there
+            dy_xhat = torch.where(dyf == 0, 0, dy_xhat)
+        dweight = dy_xhat.sum_to_size(weight.shape).to(weight.dtype)
     dbias = None
     if bias is not None and needs[2]:
         dbias = dyf.sum_to_size(bias.shape).to(bias.dtype)

@@ -6,7 +6,7 @@ Algorithm 1. With psi^2 the running quadratic mean (before this step's update), 
 running gradient statistic, alpha = alpha_bkw and g = weight * dy:
 
     xhat  = x / sqrt(psi^2 + eps)              y = weight * xhat + bias
-    dx    = (g - nu * xhat) / sqrt(psi^2 + eps)
+    dx    = (g - m * nu * xhat) / sqrt(psi^2 + eps)      (m = 1 at real elements, else 0)
     nu'   = nu * (1 - (1 - alpha) * Gamma) + (1 - alpha) * Lambda
     Gamma = mean over real elements of xhat^2,  Lambda = mean over real elements of g * xhat
 """
@@ -43,22 +43,27 @@ def power_norm_backward(
     nu = nu.to(acc)
 
     if mask is None:
-        weight_r, count = 1.0, math.prod(x.shape[d] for d in reduction_dims)
+        count = math.prod(x.shape[d] for d in reduction_dims)
     else:
-        weight_r = mask.to(acc)
         count = mask_count(mask, x.shape, reduction_dims).to(acc)
 
-    def real_mean(t):
-        return (t * weight_r).sum(dim=reduction_dims, keepdim=True) / count
+    def real_mean(t):  # select, not multiply: NaN/Inf in padding must not leak in
+        real = t if mask is None else torch.where(mask, t, 0)
+        return real.sum(dim=reduction_dims, keepdim=True) / count
 
     gamma = real_mean(xhat.square())
-    lam = real_mean(g * xhat)
+    lam = real_mean(g * xhat)  # real elements only, so NaN in padding stays out
     new_nu = nu * (1 - (1 - alpha_bkw) * gamma) + (1 - alpha_bkw) * lam
 
-    dx = ((g - nu * xhat) * rstd).to(x.dtype) if needs[0] else None
+    # nu * xhat is the gradient through the batch statistic, which padding does not enter.
+    correction = nu * xhat if mask is None else torch.where(mask, nu * xhat, 0)
+    dx = ((g - correction) * rstd).to(x.dtype) if needs[0] else None
     dweight = None
     if weight is not None and needs[1]:
-        dweight = (dyf * xhat).sum_to_size(weight.shape).to(weight.dtype)
+        dy_xhat = dyf * xhat
+        if mask is not None:  # padding with dy = 0 adds nothing, even if x is NaN there
+            dy_xhat = torch.where(dyf == 0, 0, dy_xhat)
+        dweight = dy_xhat.sum_to_size(weight.shape).to(weight.dtype)
     dbias = None
     if bias is not None and needs[2]:
         dbias = dyf.sum_to_size(bias.shape).to(bias.dtype)

@@ -87,10 +87,10 @@ class _InstanceNorm(NormWithRunningStats):
                 stacklevel=2,
             )
         if input.dim() == unbatched:
-            if mask is not None:
+            if isinstance(mask, torch.Tensor):  # anything else: the functional's TypeError
                 mask = mask.unsqueeze(0)
-            if lengths is not None:
-                lengths = torch.as_tensor(lengths).reshape(1)
+            if lengths is not None:  # one entry for the one sample (else the functional's error)
+                lengths = torch.as_tensor(lengths).reshape(-1)
             return self._instance_norm(input.unsqueeze(0), mask, lengths).squeeze(0)
         return self._instance_norm(input, mask, lengths)
 

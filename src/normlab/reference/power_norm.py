@@ -6,7 +6,7 @@ gradient statistic (both from the previous step):
     forward (after warmup):  xhat = x / sqrt(psi^2 + eps),  y = weight * xhat + bias
     running update:          psi^2 <- psi^2 + momentum * (mean(x^2) - psi^2)
     backward (approximate):  g = weight * dy
-                             dx = (g - nu * xhat) / sqrt(psi^2 + eps)
+                             dx = (g - m * nu * xhat) / sqrt(psi^2 + eps)   (m: real = 1)
                              nu <- nu * (1 - (1 - alpha) * mean(xhat^2))
                                    + (1 - alpha) * mean(g * xhat)
     warmup:                  the batch's own mean(x^2) normalizes (an uncentred BatchNorm)
@@ -68,7 +68,7 @@ def power_norm_backward(
     gamma = (real * xhat**2).sum(axis=axes.reduction, keepdims=True) / count
     lam = (real * g * xhat).sum(axis=axes.reduction, keepdims=True) / count
     new_nu = nu * (1 - (1 - alpha_bkw) * gamma) + (1 - alpha_bkw) * lam
-    dx = (g - nu * xhat) * rstd
+    dx = (g - real * nu * xhat) * rstd
     batch_axes = tuple(a for a in range(np.ndim(x)) if a not in axes.feature)
     dweight = None if weight is None else (dy * xhat).sum(axis=batch_axes)
     dbias = None if bias is None else dy.sum(axis=batch_axes)
