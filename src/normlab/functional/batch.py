@@ -5,33 +5,15 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_floating, check_min_ndim
 from normlab.functional.statistics import (
     as_param,
-    check_channel_params,
     check_enough_values,
+    prepare_channel_norm,
     real_count,
     update_running_stats,
 )
 from normlab.kernels import composite
-from normlab.masks import channel_mask
 from normlab.ops import normalize
-
-
-def _prepare(fn, input, running_mean, running_var, weight, bias, dim, mask, lengths):
-    check_floating(input, fn=fn)
-    check_min_ndim(input, 1, fn=fn, layout="(..., C, ...)")
-    norm_axes = _axes.channel_norm_axes(input.dim(), dim)
-    channel = norm_axes.feature[0]
-    check_channel_params(
-        fn,
-        input.shape[channel],
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
-    )
-    return norm_axes, channel_mask(input, channel, mask, lengths, fn=fn)
 
 
 def _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, flag):
@@ -138,8 +120,16 @@ def batch_norm(
     batches with their own statistics; the running statistics are updated with their average.
     """
     fn = "batch_norm"
-    norm_axes, mask = _prepare(
-        fn, input, running_mean, running_var, weight, bias, dim, mask, lengths
+    norm_axes, mask = prepare_channel_norm(
+        fn,
+        input,
+        dim,
+        mask,
+        lengths,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
     )
     if not training:
         return _eval(
@@ -185,8 +175,16 @@ def batch_renorm(
     statistics are used. ``mask``/``lengths`` as in :func:`batch_norm`.
     """
     fn = "batch_renorm"
-    norm_axes, mask = _prepare(
-        fn, input, running_mean, running_var, weight, bias, dim, mask, lengths
+    norm_axes, mask = prepare_channel_norm(
+        fn,
+        input,
+        dim,
+        mask,
+        lengths,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
     )
     if running_mean is None or running_var is None:
         raise ValueError(

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from normlab import axes as _axes
-from normlab._checks import check_floating, check_min_ndim
 from normlab.functional.statistics import (
     as_param,
-    check_channel_params,
     check_enough_values,
+    prepare_channel_norm,
     real_count,
 )
 from normlab.kernels import composite
-from normlab.masks import channel_mask
 from normlab.ops import normalize, power_norm_approx
 
 
@@ -52,13 +49,12 @@ def power_norm(
     :math:`\psi^2_B` nor the gradient statistics.
     """
     fn = "power_norm"
-    check_floating(input, fn=fn)
-    check_min_ndim(input, 1, fn=fn, layout="(..., C, ...)")
-    norm_axes = _axes.channel_norm_axes(input.dim(), dim)
-    channel = norm_axes.feature[0]
-    check_channel_params(
+    norm_axes, mask = prepare_channel_norm(
         fn,
-        input.shape[channel],
+        input,
+        dim,
+        mask,
+        lengths,
         running_phi=running_phi,
         running_grad_stat=running_grad_stat,
         weight=weight,
@@ -67,7 +63,6 @@ def power_norm(
     for name, buffer in (("running_phi", running_phi), ("running_grad_stat", running_grad_stat)):
         if buffer is None:
             raise ValueError(f"{fn}: {name} is required, got None")
-    mask = channel_mask(input, channel, mask, lengths, fn=fn)
     shape = norm_axes.param_shape(input.shape)
     weight, bias = as_param(weight, shape), as_param(bias, shape)
     if not training:

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from normlab._checks import check_param
+from normlab import axes as _axes
+from normlab._checks import check_floating, check_min_ndim, check_param
 from normlab.kernels.composite import mask_count
+from normlab.masks import channel_mask
+
+
+def prepare_channel_norm(fn: str, input, dim: int, mask, lengths, **params):
+    """Validate a norm over one channel axis ``dim`` (BatchNorm's family) and its mask:
+    returns the axes and the mask with a size-1 channel axis (or None)."""
+    check_floating(input, fn=fn)
+    check_min_ndim(input, 1, fn=fn, layout="(..., C, ...)")
+    norm_axes = _axes.channel_norm_axes(input.dim(), dim)
+    channel = norm_axes.feature[0]
+    check_channel_params(fn, input.shape[channel], **params)
+    return norm_axes, channel_mask(input, channel, mask, lengths, fn=fn)
 
 
 def check_channel_params(fn: str, num_features: int, **params) -> None:

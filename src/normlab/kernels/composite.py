@@ -116,6 +116,12 @@ def normalize_backward(
                 dx = dx - spread(g.sum(dim=reduction_dims, keepdim=True))
             dx = dx * rstd
         dx = dx.to(x.dtype)
+    return (dx, *affine_backward(dyf, xhat, weight, bias, mask, needs))
+
+
+def affine_backward(dyf, xhat, weight, bias, mask, needs=(True, True, True)):
+    """(dweight, dbias) of y = weight * xhat + bias: dy * xhat and dy summed to each
+    parameter's broadcast shape (None where absent or not needed)."""
     dweight = None
     if weight is not None and needs[1]:
         dy_xhat = dyf * xhat
@@ -125,4 +131,4 @@ def normalize_backward(
     dbias = None
     if bias is not None and needs[2]:
         dbias = dyf.sum_to_size(bias.shape).to(bias.dtype)
-    return dx, dweight, dbias
+    return dweight, dbias

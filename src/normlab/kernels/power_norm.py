@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from normlab.kernels.composite import accumulation_dtype, mask_count
+from normlab.kernels.composite import accumulation_dtype, affine_backward, mask_count
 
 
 def power_norm_forward(x, weight, bias, phi, eps):
@@ -58,13 +58,4 @@ def power_norm_backward(
     # nu * xhat is the gradient through the batch statistic, which padding does not enter.
     correction = nu * xhat if mask is None else torch.where(mask, nu * xhat, 0)
     dx = ((g - correction) * rstd).to(x.dtype) if needs[0] else None
-    dweight = None
-    if weight is not None and needs[1]:
-        dy_xhat = dyf * xhat
-        if mask is not None:  # padding with dy = 0 adds nothing, even if x is NaN there
-            dy_xhat = torch.where(dyf == 0, 0, dy_xhat)
-        dweight = dy_xhat.sum_to_size(weight.shape).to(weight.dtype)
-    dbias = None
-    if bias is not None and needs[2]:
-        dbias = dyf.sum_to_size(bias.shape).to(bias.dtype)
-    return dx, dweight, dbias, new_nu
+    return (dx, *affine_backward(dyf, xhat, weight, bias, mask, needs), new_nu)
