@@ -4,7 +4,7 @@ Drop-in for the torch.nn layers (same arguments, defaults and state_dict keys), 
 float64 NumPy reference (``normlab.reference``) that every backend is tested against.
 """
 
-from normlab import functional, masks, reference
+from normlab import distributed, functional, masks, reference
 from normlab.masks import lengths_to_mask
 from normlab.modules import (
     BatchNorm,
@@ -22,6 +22,7 @@ from normlab.modules import (
     LayerNorm,
     PowerNorm,
     RMSNorm,
+    SyncBatchNorm,
     renorm_limits,
 )
 
@@ -43,7 +44,9 @@ __all__ = [
     "LayerNorm",
     "PowerNorm",
     "RMSNorm",
+    "SyncBatchNorm",
     "__version__",
+    "distributed",
     "functional",
     "lengths_to_mask",
     "masks",

@@ -7,6 +7,8 @@ The math is the reference's (``normlab.reference.core``), term for term.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -94,29 +96,40 @@ def normalize_backward(
     dx = None
     if needs[0]:
         if stats_given:
-            dx = g * rstd
+            dx = (g * rstd).to(x.dtype)
         else:
-            if mask is None:
-                scale = None
-                count = 1
-                for d in reduction_dims:
-                    count *= x.shape[d]
-            else:
-                scale = mask.to(acc)
-                count = mask_count(mask, x.shape, reduction_dims).to(acc)
-
-            def spread(total):  # d(statistic)/dx_i is nonzero only at real elements
-                return total / count if scale is None else scale * (total / count)
-
-            g_xhat = g * xhat
-            if mask is not None:  # padding with dy = 0 adds nothing, even if x is NaN there
-                g_xhat = torch.where(g == 0, 0, g_xhat)
-            dx = g - spread(g_xhat.sum(dim=reduction_dims, keepdim=True)) * xhat
-            if center:
-                dx = dx - spread(g.sum(dim=reduction_dims, keepdim=True))
-            dx = dx * rstd
-        dx = dx.to(x.dtype)
+            count = reduced_count(x.shape, reduction_dims, mask, acc)
+            sum_g, sum_g_xhat = gradient_sums(g, xhat, reduction_dims, mask)
+            dx = input_gradient(g, xhat, rstd, sum_g, sum_g_xhat, count, mask, center)
+            dx = dx.to(x.dtype)
     return (dx, *affine_backward(dyf, xhat, weight, bias, mask, needs))
+
+
+def reduced_count(shape, reduction_dims, mask, dtype):
+    """Elements per statistic: a number without a mask, a keepdim tensor with one."""
+    if mask is None:
+        return math.prod(shape[d] for d in reduction_dims)
+    return mask_count(mask, shape, reduction_dims).to(dtype)
+
+
+def gradient_sums(g, xhat, reduction_dims, mask):
+    """The backward's two reductions, sum_R(g) and sum_R(g * xhat), over all elements
+    (SyncBatchNorm all-reduces exactly these)."""
+    g_xhat = g * xhat
+    if mask is not None:  # padding with dy = 0 adds nothing, even if x is NaN there
+        g_xhat = torch.where(g == 0, 0, g_xhat)
+    return g.sum(dim=reduction_dims, keepdim=True), g_xhat.sum(dim=reduction_dims, keepdim=True)
+
+
+def input_gradient(g, xhat, rstd, sum_g, sum_g_xhat, count, mask, center):
+    """dx = rstd * (g - m * sum_g / n - m * xhat * sum_g_xhat / n), m the mask (1 without);
+    no sum_g term without centring."""
+    correction = xhat * (sum_g_xhat / count)
+    if center:
+        correction = correction + sum_g / count
+    if mask is not None:  # d(statistic)/dx_i is nonzero only at real elements
+        correction = torch.where(mask, correction, 0)
+    return (g - correction) * rstd
 
 
 def affine_backward(dyf, xhat, weight, bias, mask, needs=(True, True, True)):

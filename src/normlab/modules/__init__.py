@@ -12,6 +12,7 @@ from normlab.modules.group_norm import GroupNorm
 from normlab.modules.instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.modules.layer_norm import LayerNorm, RMSNorm
 from normlab.modules.power_norm import PowerNorm
+from normlab.modules.sync_batch_norm import SyncBatchNorm
 
 __all__ = [
     "BatchNorm",
@@ -29,5 +30,6 @@ __all__ = [
     "LayerNorm",
     "PowerNorm",
     "RMSNorm",
+    "SyncBatchNorm",
     "renorm_limits",
 ]
