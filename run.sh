@@ -25,7 +25,7 @@ case "${1:-}" in
     ;;
   test)
     setup test
-    "$VENV/bin/ruff" check src tests
+    "$VENV/bin/ruff" check src tests examples
     "$VENV/bin/python" -m pytest "${@:2}"
     ;;
   *)
