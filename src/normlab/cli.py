@@ -1,4 +1,4 @@
-"""The ``normlab`` command line: ``normlab demo`` (later: ``report``, ``bench``)."""
+"""The ``normlab`` command line: ``normlab report`` (the lab) and ``normlab demo``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print LayerNorm and BatchNorm outputs for a 4 samples x 6 features batch, "
         "with the mean and standard deviation each norm used.",
     )
+    report = commands.add_parser(
+        "report",
+        help="test every claim of the LN-vs-BN article with experiments, verdicts and plots",
+        description="Run the lab's experiments and write report.html (self-contained), "
+        "report.md and results.json.",
+    )
+    report.add_argument(
+        "--profile",
+        choices=("quick", "full", "smoke"),
+        default="quick",
+        help="quick: minutes on 2 CPU cores (default); full: more seeds and "
+        "sizes; smoke: toy sizes",
+    )
+    report.add_argument(
+        "--only", default=None, help="comma-separated experiments, e.g. padding,batch-size"
+    )
+    report.add_argument("--out", default="normlab-report", help="output folder")
+    report.add_argument("--seed", type=int, default=0, help="base seed (runs are deterministic)")
     return parser
 
 
@@ -31,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         from normlab.lab import demo
 
         return demo.main()
+    if args.command == "report":
+        from normlab.lab import main as lab_main
+
+        only = None if args.only is None else args.only.split(",")
+        return lab_main.main(args.profile, only, args.out, args.seed)
     parser.print_help()
     return 0
 

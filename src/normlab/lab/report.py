@@ -1,0 +1,182 @@
+"""Write the lab's report: results.json (every number), report.md (figures beside it) and a
+self-contained report.html (figures embedded), verdict table first."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import normlab
+from normlab.lab.runner import ClaimResult, Profile
+
+VERDICT_COLOURS = {
+    "supported": "#1b7f3b",
+    "partly supported": "#b36b00",
+    "contradicted": "#b3261e",
+    "inconclusive": "#555555",
+}
+
+
+def results_document(
+    results: list[ClaimResult], profile: Profile, seed: int, seconds: float
+) -> dict:
+    return {
+        "meta": {
+            "normlab": normlab.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_threads": torch.get_num_threads(),
+            "profile": profile.name,
+            "seeds": profile.seeds,
+            "seed": seed,
+            "seconds": round(seconds, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "claims": [
+            {
+                "letter": r.claim.letter,
+                "key": r.claim.key,
+                "title": r.claim.title,
+                "article": r.claim.article,
+                "what_was_run": r.findings.what_was_run,
+                "rule": r.claim.rule,
+                "literature": r.claim.literature,
+                "verdict": {
+                    "label": r.verdict.label,
+                    "reason": r.verdict.reason,
+                    "deciding": r.verdict.deciding,
+                },
+                "numbers": r.findings.numbers,
+                "figures": sorted(r.figures),
+                "seconds": round(r.seconds, 1),
+            }
+            for r in results
+        ],
+    }
+
+
+def write_report(
+    results: list[ClaimResult], profile: Profile, seed: int, seconds: float, out: Path
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    document = results_document(results, profile, seed, seconds)
+    (out / "results.json").write_text(json.dumps(document, indent=2, default=_jsonable))
+    figures = {(r.claim.key, name): png for r in results for name, png in r.figures.items()}
+    for (key, name), png in figures.items():
+        (out / f"{key}-{name}.png").write_bytes(png)
+    (out / "report.md").write_text(_markdown(document))
+    (out / "report.html").write_text(_html(document, figures))
+    return document
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def verdict_table_rows(document: dict) -> list[tuple[str, str, str, str]]:
+    return [
+        (f"({c['letter']}) {c['title']}", c["verdict"]["label"], c["verdict"]["deciding"], c["key"])
+        for c in document["claims"]
+    ]
+
+
+def _markdown(document: dict) -> str:
+    meta = document["meta"]
+    lines = [
+        "# normlab report: why Transformers use LayerNorm, not BatchNorm",
+        "",
+        f"Profile `{meta['profile']}` ({meta['seeds']} seeds from {meta['seed']}), "
+        f"{meta['seconds']} s on {meta['cpu_threads']} threads, normlab {meta['normlab']}, "
+        f"torch {meta['torch']}, {meta['date']}.",
+        "",
+        "| claim | verdict | deciding number |",
+        "| --- | --- | --- |",
+        *(f"| [{t}](#{k}) | **{v}** | {d} |" for t, v, d, k in verdict_table_rows(document)),
+        "",
+    ]
+    for c in document["claims"]:
+        lines += [
+            f"## ({c['letter']}) {c['title']}",
+            f'<a id="{c["key"]}"></a>',
+            "",
+            f"**The article:** {c['article']}",
+            "",
+            f"**What was run:** {c['what_was_run']}",
+            "",
+            *(f"![{name}]({c['key']}-{name}.png)\n" for name in c["figures"]),
+            f"**Numbers:** see `results.json` → `{c['key']}`; {_numbers_summary(c['numbers'])}",
+            "",
+            f"**Literature:** {c['literature']}",
+            "",
+            f"**Rule:** {c['rule']}",
+            "",
+            f"**Verdict: {c['verdict']['label']}.** {c['verdict']['reason']}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _numbers_summary(numbers: dict) -> str:
+    summary = numbers.get("summary")
+    return summary if isinstance(summary, str) else ""
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;
+line-height:1.45;color:#222}table{border-collapse:collapse;width:100%}
+td,th{border:1px solid #ccc;padding:.35em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.verdict{font-weight:bold}img{max-width:100%;height:auto}
+section{border-top:2px solid #ddd;margin-top:2em;padding-top:.5em}
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em;max-height:24em}
+.meta{color:#555;font-size:.9em}
+"""
+
+
+def _html(document: dict, figures: dict) -> str:
+    meta, esc = document["meta"], html.escape
+    rows = "".join(
+        f'<tr><td><a href="#{k}">{esc(t)}</a></td>'
+        f'<td class="verdict" style="color:{VERDICT_COLOURS[v]}">{esc(v)}</td>'
+        f"<td>{esc(d)}</td></tr>"
+        for t, v, d, k in verdict_table_rows(document)
+    )
+    sections = []
+    for c in document["claims"]:
+        images = "".join(
+            f'<p><img alt="{esc(name)}" src="data:image/png;base64,'
+            f'{base64.b64encode(figures[(c["key"], name)]).decode()}"></p>'
+            for name in c["figures"]
+        )
+        verdict = c["verdict"]
+        sections.append(
+            f'<section id="{c["key"]}"><h2>({c["letter"]}) {esc(c["title"])}</h2>'
+            f"<p><b>The article:</b> {esc(c['article'])}</p>"
+            f"<p><b>What was run:</b> {esc(c['what_was_run'])}</p>{images}"
+            f"<p><b>Literature:</b> {esc(c['literature'])}</p>"
+            f"<p><b>Rule:</b> {esc(c['rule'])}</p>"
+            f'<p><b>Verdict: <span style="color:{VERDICT_COLOURS[verdict["label"]]}">'
+            f"{esc(verdict['label'])}</span>.</b> {esc(verdict['reason'])}</p>"
+            f"<details><summary>All numbers ({c['seconds']} s)</summary>"
+            f"<pre>{esc(json.dumps(c['numbers'], indent=1, default=_jsonable))}</pre>"
+            f"</details></section>"
+        )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        f"<title>normlab report</title><style>{_CSS}</style></head><body>"
+        "<h1>normlab report: why Transformers use LayerNorm, not BatchNorm</h1>"
+        f"<p class='meta'>Profile {esc(meta['profile'])} ({meta['seeds']} seeds from "
+        f"{meta['seed']}), {meta['seconds']} s on {meta['cpu_threads']} threads; normlab "
+        f"{esc(meta['normlab'])}, torch {esc(meta['torch'])}, {esc(meta['date'])}.</p>"
+        "<table><tr><th>claim</th><th>verdict</th><th>deciding number</th></tr>"
+        f"{rows}</table>{''.join(sections)}</body></html>"
+    )

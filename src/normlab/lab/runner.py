@@ -1,0 +1,166 @@
+"""The lab's runner: profiles, the Claim contract every experiment module fulfils, and the
+loop that runs them with a progress bar and collects numbers, figures and verdicts.
+
+An experiment module (``normlab.lab.claims.<name>``) defines ``CLAIM = Claim(...)`` with a
+``run(ctx) -> Findings`` that measures, and a ``verdict(numbers) -> Verdict`` that decides
+from the recorded numbers alone (written before looking at the results), so every verdict
+in a report can be recomputed from its results.json.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+VERDICTS = ("supported", "partly supported", "contradicted", "inconclusive")
+# Article order; each key names the module normlab.lab.claims.<key with _ for ->.
+CLAIM_KEYS = (
+    "definition",
+    "gradients",
+    "padding",
+    "batch-size",
+    "parallelism",
+    "architecture",
+    "position",
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much to run: ``smoke`` (toy sizes, tests), ``quick`` (default, minutes on 2 CPU
+    cores), ``full`` (more seeds and sizes)."""
+
+    name: str
+    seeds: int
+
+    def pick(self, *, smoke, quick, full):
+        """The value for this profile."""
+        return {"smoke": smoke, "quick": quick, "full": full}[self.name]
+
+
+PROFILES = {
+    "smoke": Profile("smoke", seeds=2),
+    "quick": Profile("quick", seeds=3),
+    "full": Profile("full", seeds=5),
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    label: str  # one of VERDICTS
+    reason: str  # why, in one or two sentences with the numbers
+    deciding: str  # the one number that decides it, as text
+
+    def __post_init__(self):
+        if self.label not in VERDICTS:
+            raise ValueError(f"verdict label must be one of {VERDICTS}, got {self.label!r}")
+
+
+@dataclass
+class Findings:
+    """What ``run`` returns: every number (JSON-serializable) and what was run."""
+
+    numbers: dict[str, Any]
+    what_was_run: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    letter: str  # "a".."g", as in SEED.md
+    key: str  # CLI name: --only padding,batch-size
+    title: str
+    article: str  # the article's claim, in a sentence or two
+    rule: str  # the verdict rule, in words (the code is ``verdict``)
+    literature: str  # what published work says, to place beside the result
+    run: Callable[[RunContext], Findings]
+    verdict: Callable[[dict[str, Any]], Verdict]
+
+
+@dataclass
+class RunContext:
+    """Passed to ``Claim.run``: the profile, the base seed, figures and progress."""
+
+    profile: Profile
+    seed: int
+    progress: Callable[[str], None] = lambda message: None
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.profile.seeds)]
+
+    def seed_everything(self, seed: int) -> torch.Generator:
+        """Seed Python, NumPy and torch; returns a torch generator seeded the same."""
+        random.seed(seed)
+        np.random.seed(seed % 2**32)  # noqa: NPY002 (libraries that use the global state)
+        torch.manual_seed(seed)
+        return torch.Generator().manual_seed(seed)
+
+    def track(self, items: Iterable, label: str) -> Iterable:
+        """Iterate ``items``, reporting ``label`` to the progress bar for each."""
+        for item in items:
+            self.progress(f"{label} {item}")
+            yield item
+
+    def figure(self, name: str, fig) -> None:
+        """Keep a matplotlib figure as PNG (embedded in the HTML, a file beside the MD)."""
+        import matplotlib.pyplot as plt
+
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        self.figures[name] = buffer.getvalue()
+
+
+def load_claims(only: Iterable[str] | None = None) -> list[Claim]:
+    """The claims in article order, optionally only those whose key is in ``only``."""
+    keys = list(CLAIM_KEYS)
+    if only is not None:
+        wanted = {key.strip() for key in only if key.strip()}
+        if unknown := wanted - set(CLAIM_KEYS):
+            raise ValueError(
+                f"--only: unknown experiment(s) {sorted(unknown)}; "
+                f"expected some of {list(CLAIM_KEYS)}"
+            )
+        keys = [key for key in CLAIM_KEYS if key in wanted]
+    modules = [
+        importlib.import_module(f"normlab.lab.claims.{key.replace('-', '_')}") for key in keys
+    ]
+    return [module.CLAIM for module in modules]
+
+
+@dataclass
+class ClaimResult:
+    claim: Claim
+    findings: Findings
+    verdict: Verdict
+    figures: dict[str, bytes]
+    seconds: float
+
+
+def run_claims(claims: list[Claim], profile: Profile, seed: int) -> list[ClaimResult]:
+    """Run each claim's experiments under a progress bar; returns their results."""
+    from tqdm.auto import tqdm
+
+    results = []
+    with tqdm(claims, desc="normlab report", unit="claim") as bar:
+        for claim in bar:
+            bar.set_postfix_str(f"({claim.letter}) {claim.key}")
+            ctx = RunContext(
+                profile, seed, progress=lambda m, c=claim: bar.set_postfix_str(f"({c.letter}) {m}")
+            )
+            start = time.perf_counter()
+            findings = claim.run(ctx)
+            seconds = time.perf_counter() - start
+            results.append(
+                ClaimResult(claim, findings, claim.verdict(findings.numbers), ctx.figures, seconds)
+            )
+    return results
