@@ -68,7 +68,10 @@ class _SyncNormalize(torch.autograd.Function):
         counts, means, m2s = torch.stack(gathered).unbind(1)
         total, mean, var = merge_moments(counts, means, m2s)
         fewest = int(total.min()) if total.numel() else 0
-        if fewest < 2:  # every rank sees the same global count, so every rank raises
+        # Every rank sees the same global count, so every rank raises (no hang). As in
+        # BatchNorm: one value is an error; an all-empty unmasked batch is not (its output
+        # is empty); with a mask every channel needs 2 real values.
+        if fewest == 1 or (mask is not None and fewest < 2):
             raise ValueError(
                 f"{fn}: expected more than 1 value per channel when training, got "
                 f"{fewest} real value(s) in some channel over all ranks (this "
@@ -152,12 +155,13 @@ def sync_batch_norm(
         stat_shape,
         fn,
     )
-    update_running_stats(
-        running_mean,
-        running_var,
-        mean.reshape(1, -1),
-        var.reshape(1, -1),
-        total.reshape(1, -1),
-        momentum,
-    )
+    if int(total.min()) >= 2:  # an all-empty global batch carries no statistics
+        update_running_stats(
+            running_mean,
+            running_var,
+            mean.reshape(1, -1),
+            var.reshape(1, -1),
+            total.reshape(1, -1),
+            momentum,
+        )
     return y
