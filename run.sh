@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command to set up and run: ./run.sh demo | ./run.sh test
+# One command to set up and run: ./run.sh report | ./run.sh test (| ./run.sh demo)
 # Creates .venv with the project installed, then runs the job. Needs only Python >= 3.10 and pip.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,6 +19,10 @@ setup() {  # $1: the optional-dependency group to install ("" for none)
 }
 
 case "${1:-}" in
+  report)
+    setup lab
+    "$VENV/bin/normlab" report "${@:2}"
+    ;;
   demo)
     setup ""
     "$VENV/bin/normlab" demo
@@ -29,7 +33,8 @@ case "${1:-}" in
     "$VENV/bin/python" -m pytest "${@:2}"
     ;;
   *)
-    echo "usage: ./run.sh demo | ./run.sh test [pytest args]" >&2
+    echo "usage: ./run.sh report [normlab report args] | ./run.sh test [pytest args]" \
+      "| ./run.sh demo" >&2
     exit 2
     ;;
 esac

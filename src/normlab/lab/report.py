@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ def results_document(
             "torch": torch.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads(),
+            "cpu_cores": os.cpu_count(),
+            "torch_threads": 1,  # run_claims runs every experiment on one thread
             "profile": profile.name,
             "seeds": profile.seeds,
             "seed": seed,
@@ -95,7 +97,8 @@ def _markdown(document: dict) -> str:
         "# normlab report: why Transformers use LayerNorm, not BatchNorm",
         "",
         f"Profile `{meta['profile']}` ({meta['seeds']} seeds from {meta['seed']}), "
-        f"{meta['seconds']} s on {meta['cpu_threads']} threads, normlab {meta['normlab']}, "
+        f"{meta['seconds']} s on {meta['cpu_cores']} cores (one torch thread per process), "
+        f"normlab {meta['normlab']}, "
         f"torch {meta['torch']}, {meta['date']}.",
         "",
         "| claim | verdict | deciding number |",
@@ -113,7 +116,8 @@ def _markdown(document: dict) -> str:
             f"**What was run:** {c['what_was_run']}",
             "",
             *(f"![{name}]({c['key']}-{name}.png)\n" for name in c["figures"]),
-            f"**Numbers:** see `results.json` → `{c['key']}`; {_numbers_summary(c['numbers'])}",
+            f"**Numbers:** {_numbers_summary(c['numbers'])} (every number: `results.json` → "
+            f"`{c['key']}`)",
             "",
             f"**Literature:** {c['literature']}",
             "",
@@ -175,7 +179,8 @@ def _html(document: dict, figures: dict) -> str:
         f"<title>normlab report</title><style>{_CSS}</style></head><body>"
         "<h1>normlab report: why Transformers use LayerNorm, not BatchNorm</h1>"
         f"<p class='meta'>Profile {esc(meta['profile'])} ({meta['seeds']} seeds from "
-        f"{meta['seed']}), {meta['seconds']} s on {meta['cpu_threads']} threads; normlab "
+        f"{meta['seed']}), {meta['seconds']} s on {meta['cpu_cores']} cores (one torch thread "
+        f"per process); normlab "
         f"{esc(meta['normlab'])}, torch {esc(meta['torch'])}, {esc(meta['date'])}.</p>"
         "<table><tr><th>claim</th><th>verdict</th><th>deciding number</th></tr>"
         f"{rows}</table>{''.join(sections)}</body></html>"

@@ -1,0 +1,564 @@
+"""(f) Architecture fit: LayerNorm suits Transformer blocks of per-sample feature vectors;
+BatchNorm, designed for CNNs, is less effective there. A tiny causal Transformer on lines of
+Python's standard library, with each norm; the gradient at initialization versus depth for
+Pre-LN and Post-LN; and how much batch statistics fluctuate on text versus images."""
+
+from __future__ import annotations
+
+import math
+import platform
+
+import numpy as np
+import torch
+from torch import nn
+
+import normlab
+from normlab.lab import text
+from normlab.lab.rules import consistent_effect, fmt, mean, spread
+from normlab.lab.runner import Claim, Findings, RunContext, Verdict
+from normlab.lab.sequence_models import (
+    NORM_COLOURS,
+    NORM_KINDS,
+    NORM_LABELS,
+    SequenceNorm,
+    TinyTransformer,
+    next_token_loss,
+    train_next_token,
+)
+
+D_MODEL, HEADS, LAYERS, FFN = 32, 2, 2, 64
+BATCH = 16
+LR = 1e-2
+DIGITS_BATCH = 64
+DEPTHS = (1, 2, 4, 8)
+PLACEMENTS = {"pre": "Pre-LN", "post": "Post-LN"}
+BN_FAMILY = ("batch", "batch-masked", "power-masked")
+
+
+class StatisticsProbe:
+    """Per training step, how far each BatchNorm layer's batch statistics are from its
+    running statistics (Shen et al. 2020, Fig. 2), relative to the running variance:
+    mean over channels of |mu_B - mu| / sqrt(var) and |var_B - var| / var."""
+
+    def __init__(self, layers: list[tuple[nn.Module, nn.Module]]):
+        self.mean_shift: list[list[float]] = [[] for _ in layers]
+        self.var_shift: list[list[float]] = [[] for _ in layers]
+        self.elements: list[int] = []
+        self.handles = [
+            hooked.register_forward_pre_hook(self._hook(i, batch_norm))
+            for i, (hooked, batch_norm) in enumerate(layers)
+        ]
+
+    def _hook(self, index: int, batch_norm: nn.Module):
+        def record(module, args):
+            if not module.training:
+                return
+            x = args[0].detach()
+            channels = x.shape[-1]
+            masked = isinstance(module, SequenceNorm) and module.masked
+            if masked:  # the real tokens, as the masked norm sees them
+                x = x[normlab.lengths_to_mask(args[1], x.shape[1])]
+            x = x.reshape(-1, channels)
+            batch_mean, batch_var = x.mean(0), x.var(0, unbiased=False)
+            running_var = batch_norm.running_var + batch_norm.eps
+            self.mean_shift[index].append(
+                float(((batch_mean - batch_norm.running_mean).abs() / running_var.sqrt()).mean())
+            )
+            self.var_shift[index].append(
+                float(((batch_var - batch_norm.running_var).abs() / running_var).mean())
+            )
+            if index == 0:
+                self.elements.append(x.shape[0])
+
+        return record
+
+    def close(self, burn_in: int) -> dict:
+        for handle in self.handles:
+            handle.remove()
+        per_step_mean = np.mean(self.mean_shift, axis=0)
+        per_step_var = np.mean(self.var_shift, axis=0)
+        return {
+            "mean_shift_per_step": per_step_mean.tolist(),
+            "var_shift_per_step": per_step_var.tolist(),
+            "mean_shift": float(per_step_mean[burn_in:].mean()),
+            "var_shift": float(per_step_var[burn_in:].mean()),
+            "elements_per_batch": float(np.mean(self.elements)),
+        }
+
+
+def _sequence_probe(model: nn.Module) -> StatisticsProbe:
+    layers = [(m, m.norm) for m in model.modules() if isinstance(m, SequenceNorm)]
+    return StatisticsProbe(layers)
+
+
+def _digits_run(seed: int, ctx: RunContext, steps: int, burn_in: int) -> dict:
+    """An MLP with BatchNorm on scikit-learn's 8x8 digits: the image-data reference."""
+    from sklearn.datasets import load_digits
+
+    generator = ctx.seed_everything(seed)
+    images, labels = load_digits(return_X_y=True)
+    order = torch.randperm(len(labels), generator=generator)
+    x = torch.tensor(images, dtype=torch.float32)[order] / 16
+    y = torch.tensor(labels, dtype=torch.long)[order]
+    split = 1500
+    model = nn.Sequential(
+        nn.Linear(64, 64),
+        normlab.BatchNorm1d(64),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+        normlab.BatchNorm1d(64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+    probe = StatisticsProbe([(m, m) for m in model.modules() if isinstance(m, normlab.BatchNorm1d)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, foreach=True)
+    for _ in range(steps):
+        picks = torch.randperm(split, generator=generator)[:DIGITS_BATCH]
+        loss = nn.functional.cross_entropy(model(x[picks]), y[picks])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    result = probe.close(burn_in)
+    model.eval()
+    with torch.no_grad():
+        result["held_out_accuracy"] = float(
+            (model(x[split:]).argmax(-1) == y[split:]).float().mean()
+        )
+    return result
+
+
+def _gradients_at_init(
+    seed: int, ctx: RunContext, tokens: torch.Tensor, lengths: torch.Tensor
+) -> dict:
+    """Frobenius norm of dLoss/dW of each block's second FFN layer at initialization, for
+    LayerNorm Transformers of each depth, Pre-LN and Post-LN (Xiong et al. 2020, Fig. 3)."""
+    out = {}
+    for placement in PLACEMENTS:
+        out[placement] = {}
+        for depth in DEPTHS:
+            ctx.seed_everything(seed)
+            model = TinyTransformer(
+                text.VOCAB_SIZE,
+                "layer",
+                pre_ln=placement == "pre",
+                d_model=D_MODEL,
+                heads=HEADS,
+                layers=depth,
+                ffn=FFN,
+            )
+            loss, _, _ = next_token_loss(model(tokens, lengths), tokens, lengths)
+            loss.backward()
+            out[placement][str(depth)] = [
+                float(block.ffn_out.weight.grad.norm()) for block in model.blocks
+            ]
+    return out
+
+
+def run(ctx: RunContext) -> Findings:
+    pick = ctx.profile.pick
+    files = pick(smoke=10, quick=40, full=80)
+    steps = pick(smoke=6, quick=100, full=600)
+    eval_every = pick(smoke=3, quick=50, full=100)
+    held_out_count = pick(smoke=32, quick=128, full=1024)
+    burn_in = steps // 3
+    power_warmup = max(1, steps // 5)
+    corpus = text.load_corpus(files=files)
+    held_out_lines = corpus.held_out[:: max(1, len(corpus.held_out) // held_out_count)]
+    held_out_lines = held_out_lines[:held_out_count]
+    held_out = text.fixed_batches(held_out_lines, 64)
+    numbers = {
+        "python": platform.python_version(),
+        "data": corpus.describe(),
+        "model": {"d_model": D_MODEL, "heads": HEADS, "layers": LAYERS, "ffn": FFN},
+        "training": {
+            "steps": steps,
+            "lr": LR,
+            "batch": BATCH,
+            "power_warmup": power_warmup,
+            "seeds": {},
+        },
+        "gradients": {"depths": list(DEPTHS), "seeds": {}},
+        "fluctuation": {"burn_in": burn_in, "digits_batch": DIGITS_BATCH, "seeds": {}},
+    }
+    for seed in ctx.seeds:
+        runs = {placement: {} for placement in PLACEMENTS}
+        fluctuation = {}
+        for placement in PLACEMENTS:
+            for kind in ctx.track(NORM_KINDS, f"seed {seed} {PLACEMENTS[placement]}"):
+                generator = ctx.seed_everything(seed)  # same init stream and batches per norm
+                model = TinyTransformer(
+                    text.VOCAB_SIZE,
+                    kind,
+                    pre_ln=placement == "pre",
+                    d_model=D_MODEL,
+                    heads=HEADS,
+                    layers=LAYERS,
+                    ffn=FFN,
+                    power_warmup=power_warmup,
+                )
+                probe = _sequence_probe(model) if kind.startswith("batch") else None
+                curves = train_next_token(
+                    model,
+                    lambda g=generator: text.sample_batch(corpus.train, BATCH, g),
+                    held_out,
+                    steps=steps,
+                    lr=LR,
+                    eval_every=eval_every,
+                )
+                runs[placement][kind] = curves.as_dict()
+                if probe is not None:
+                    fluctuation[f"text {kind} {placement}"] = probe.close(burn_in)
+        ctx.progress(f"seed {seed} digits and gradients")
+        fluctuation["digits"] = _digits_run(seed, ctx, steps, burn_in)
+        numbers["training"]["seeds"][str(seed)] = runs
+        numbers["fluctuation"]["seeds"][str(seed)] = fluctuation
+        probe_batch = text.pad_batch(list(held_out_lines[:32]))
+        numbers["gradients"]["seeds"][str(seed)] = _gradients_at_init(seed, ctx, *probe_batch)
+
+    seeds = numbers["training"]["seeds"].values()
+    numbers["training"]["final_loss"] = {
+        placement: {
+            kind: [s[placement][kind]["eval_loss"][-1] for s in seeds] for kind in NORM_KINDS
+        }
+        for placement in PLACEMENTS
+    }
+    numbers["training"]["final_accuracy"] = {
+        placement: {
+            kind: [s[placement][kind]["eval_accuracy"][-1] for s in seeds] for kind in NORM_KINDS
+        }
+        for placement in PLACEMENTS
+    }
+    numbers["fluctuation"]["var_shift_ratio"] = _fluctuation_ratios(numbers, "var_shift")
+    numbers["fluctuation"]["mean_shift_ratio"] = _fluctuation_ratios(numbers, "mean_shift")
+    # Added after the first quick run showed text batches (~540 real tokens) fluctuating less
+    # than digits batches (64 images); reported, not used by the verdict.
+    numbers["fluctuation"]["var_shift_ratio_per_element"] = _fluctuation_ratios(
+        numbers, "var_shift", per_element=True
+    )
+    numbers["gradients"]["last_layer"] = {
+        placement: {
+            str(depth): [
+                g[placement][str(depth)][-1] for g in numbers["gradients"]["seeds"].values()
+            ]
+            for depth in DEPTHS
+        }
+        for placement in PLACEMENTS
+    }
+    numbers["summary"] = _summary(numbers)
+    _loss_figure(ctx, numbers)
+    _gradient_figure(ctx, numbers)
+    _fluctuation_figure(ctx, numbers)
+    return Findings(
+        numbers,
+        (
+            f"Data: {corpus.describe()} (Python {platform.python_version()}). Model: causal "
+            f"character Transformer, d_model {D_MODEL}, {HEADS} heads, {LAYERS} layers, FFN "
+            f"{FFN}, learned positions, Xavier-uniform weights and zero biases; Pre-LN (with a "
+            f"final norm) and Post-LN; the norm is LayerNorm, BatchNorm(dim=-1) over all "
+            f"positions (padding included), masked BatchNorm or masked PowerNorm (warmup "
+            f"{power_warmup} steps), given lengths=. Training: Adam lr {LR}, gradient clipping "
+            f"1, {steps} steps of {BATCH} random lines padded to the longest, next-character "
+            f"loss on real tokens; held-out loss in eval mode on {len(held_out_lines)} lines "
+            f"of held-out files; the same initialization stream and batches for every norm "
+            f"within a seed. Gradients: at initialization, LayerNorm Transformers of depth "
+            f"{list(DEPTHS)}, one batch of 32 held-out lines, Frobenius norm of dLoss/dW of "
+            f"each block's second FFN layer. Fluctuation: during the BatchNorm runs, each "
+            f"BatchNorm layer's batch mean and variance (over real tokens for the masked one) "
+            f"against its running statistics (momentum 0.1), relative to the running variance, "
+            f"averaged over channels, layers and steps after the first {burn_in}; image "
+            f"reference: MLP 64-64-BN-ReLU-64-BN-ReLU-10 on scikit-learn's 8x8 digits (1500 "
+            f"train), batches of {DIGITS_BATCH} images, the same optimizer and steps; the ratio "
+            f"scaled by sqrt(elements per batch) was added after the first results and does "
+            f"not enter the verdict. Seeds {ctx.seeds}."
+        ),
+    )
+
+
+def _fluctuation_ratios(numbers: dict, key: str, per_element: bool = False) -> list[float]:
+    """Per seed: masked-BatchNorm text fluctuation (both placements averaged) / digits.
+    ``per_element`` first multiplies each by sqrt(elements per batch), the scale of i.i.d.
+    sampling noise, so that batches of different sizes compare."""
+
+    def value(run: dict) -> float:
+        return run[key] * (math.sqrt(run["elements_per_batch"]) if per_element else 1.0)
+
+    ratios = []
+    for runs in numbers["fluctuation"]["seeds"].values():
+        text_value = mean([value(runs[f"text batch-masked {p}"]) for p in PLACEMENTS])
+        ratios.append(text_value / value(runs["digits"]))
+    return ratios
+
+
+def _elements(numbers: dict, name: str) -> list[float]:
+    return [s[name]["elements_per_batch"] for s in numbers["fluctuation"]["seeds"].values()]
+
+
+def _gaps(numbers: dict, placement: str, kind: str) -> list[float] | None:
+    """Per seed, held-out loss of ``kind`` minus LayerNorm's; None if a run diverged."""
+    final = numbers["training"]["final_loss"][placement]
+    if any(v is None for v in final[kind] + final["layer"]):
+        return None
+    return [b - ln for b, ln in zip(final[kind], final["layer"], strict=True)]
+
+
+def _summary(numbers: dict) -> str:
+    final = numbers["training"]["final_loss"]
+    parts = []
+    for placement, name in PLACEMENTS.items():
+        losses = ", ".join(
+            f"{NORM_LABELS[k]} "
+            f"{fmt(mean([v for v in final[placement][k] if v is not None] or [math.nan]))}"
+            for k in NORM_KINDS
+        )
+        parts.append(f"{name}: {losses}")
+    last = numbers["gradients"]["last_layer"]
+    deepest = str(DEPTHS[-1])
+    return (
+        f"held-out loss {'; '.join(parts)}. Last FFN weight gradient at init, depth 1 -> "
+        f"{deepest}: Post-LN {fmt(mean(last['post']['1']))} -> {fmt(mean(last['post'][deepest]))},"
+        f" Pre-LN {fmt(mean(last['pre']['1']))} -> {fmt(mean(last['pre'][deepest]))}. Batch "
+        f"variance deviation from the running variance, text (masked BN) / digits: "
+        f"{fmt(mean(numbers['fluctuation']['var_shift_ratio']))}x (mean deviation "
+        f"{fmt(mean(numbers['fluctuation']['mean_shift_ratio']))}x; text batches hold "
+        f"{fmt(mean(_elements(numbers, 'text batch-masked pre')))} real tokens, digits batches "
+        f"{DIGITS_BATCH} images; scaled by sqrt(elements per batch) the variance ratio is "
+        f"{fmt(mean(numbers['fluctuation']['var_shift_ratio_per_element']))}x)."
+    )
+
+
+def _loss_figure(ctx: RunContext, numbers: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    training = numbers["training"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    window = max(1, training["steps"] // 15)
+    kernel = np.ones(window) / window
+    for ax, (placement, name) in zip(axes[:2], PLACEMENTS.items(), strict=True):
+        for kind in NORM_KINDS:
+            runs = [s[placement][kind] for s in training["seeds"].values()]
+            losses = np.array([[np.nan if v is None else v for v in r["train_loss"]] for r in runs])
+            smooth = np.array([np.convolve(row, kernel, mode="valid") for row in losses])
+            steps = np.arange(window, training["steps"] + 1)
+            ax.plot(steps, np.nanmean(smooth, 0), color=NORM_COLOURS[kind], label=NORM_LABELS[kind])
+            ax.fill_between(
+                steps,
+                np.nanmin(smooth, 0),
+                np.nanmax(smooth, 0),
+                color=NORM_COLOURS[kind],
+                alpha=0.15,
+            )
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"training loss (moving average of {window})")
+        ax.set_title(f"{name} Transformer (mean; band: seeds' range)", fontsize=10)
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    for i, placement in enumerate(PLACEMENTS):
+        for j, kind in enumerate(NORM_KINDS):
+            values = [np.nan if v is None else v for v in training["final_loss"][placement][kind]]
+            x = i * (len(NORM_KINDS) + 1) + j
+            ax.plot([x] * len(values), values, "o", color=NORM_COLOURS[kind], alpha=0.7)
+            ax.plot([x - 0.3, x + 0.3], [np.nanmean(values)] * 2, "-", color=NORM_COLOURS[kind])
+    ax.set_xticks(
+        [i * (len(NORM_KINDS) + 1) + (len(NORM_KINDS) - 1) / 2 for i in range(len(PLACEMENTS))],
+        list(PLACEMENTS.values()),
+    )
+    ax.set_ylabel("held-out loss at the end (eval mode)")
+    ax.set_title("Held-out loss per seed (dots) and mean (bar); colours as left", fontsize=10)
+    ctx.figure("loss-curves", fig)
+
+
+def _gradient_figure(ctx: RunContext, numbers: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    gradients = numbers["gradients"]
+    colours = {"pre": "#1f77b4", "post": "#d62728"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for placement, name in PLACEMENTS.items():
+        last = gradients["last_layer"][placement]
+        means = [mean(last[str(d)]) for d in DEPTHS]
+        left.plot(DEPTHS, means, "o-", color=colours[placement], label=name)
+        for d in DEPTHS:
+            left.plot([d] * len(last[str(d)]), last[str(d)], ".", color=colours[placement])
+    reference = mean(gradients["last_layer"]["pre"][str(DEPTHS[0])])
+    left.plot(
+        DEPTHS,
+        [reference / math.sqrt(d / DEPTHS[0]) for d in DEPTHS],
+        "k:",
+        label="Pre-LN theory: 1/sqrt(depth)",
+    )
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    left.set_xlabel("number of layers")
+    left.set_ylabel("|dLoss/dW| of the last layer's FFN W2 at init")
+    left.set_title("Last-layer gradient at initialization vs depth (LayerNorm)", fontsize=10)
+    left.legend(fontsize=8)
+    deepest = str(DEPTHS[-1])
+    for placement, name in PLACEMENTS.items():
+        per_layer = np.array([g[placement][deepest] for g in gradients["seeds"].values()])
+        layers = np.arange(1, per_layer.shape[1] + 1)
+        right.plot(layers, per_layer.mean(0), "o-", color=colours[placement], label=name)
+        right.fill_between(
+            layers, per_layer.min(0), per_layer.max(0), color=colours[placement], alpha=0.15
+        )
+    right.set_yscale("log")
+    right.set_xlabel("layer index")
+    right.set_ylabel("|dLoss/dW| of that layer's FFN W2 at init")
+    right.set_title(f"Per layer, {deepest}-layer model (as Xiong et al. 2020, Fig. 3)", fontsize=10)
+    right.legend(fontsize=8)
+    ctx.figure("gradients", fig)
+
+
+def _fluctuation_figure(ctx: RunContext, numbers: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fluctuation = numbers["fluctuation"]
+    series = {
+        "text batch-masked pre": ("text, masked BN, Pre-LN", "#2ca02c", "-"),
+        "text batch-masked post": ("text, masked BN, Post-LN", "#2ca02c", "--"),
+        "text batch pre": ("text, unmasked BN, Pre-LN", "#d62728", "-"),
+        "text batch post": ("text, unmasked BN, Post-LN", "#d62728", "--"),
+        "digits": ("digits images, BN MLP", "#333333", "-"),
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig.subplots_adjust(wspace=0.3)
+    for ax, key, label in (
+        (axes[0], "var_shift", "|var_B - var_run| / var_run"),
+        (axes[1], "mean_shift", "|mu_B - mu_run| / std_run"),
+    ):
+        for name, (text_label, colour, style) in series.items():
+            runs = np.array([s[name][f"{key}_per_step"] for s in fluctuation["seeds"].values()])
+            ax.plot(
+                np.arange(1, runs.shape[1] + 1), runs.mean(0), style, color=colour, label=text_label
+            )
+        ax.axvline(fluctuation["burn_in"], color="grey", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step (dotted: end of burn-in)")
+        ax.set_ylabel(label)
+        ax.set_title("Batch vs running statistic, mean over channels, layers, seeds", fontsize=9)
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    names = list(series)
+    width = 0.4
+    for j, key in enumerate(("var_shift", "mean_shift")):
+        values = [[s[name][key] for s in fluctuation["seeds"].values()] for name in names]
+        positions = np.arange(len(names)) + (j - 0.5) * width
+        ax.bar(positions, [np.mean(v) for v in values], width, label=key.replace("_", " "))
+        for p, v in zip(positions, values, strict=True):
+            ax.plot([p] * len(v), v, "k.", markersize=4)
+    ax.set_xticks(np.arange(len(names)), [series[n][0] for n in names], rotation=25, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("average after burn-in (dots: seeds)")
+    ax.set_title("Average after burn-in: text (~16 lines) vs images (64)", fontsize=10)
+    ax.legend(fontsize=8)
+    ctx.figure("fluctuation", fig)
+
+
+def verdict(numbers: dict) -> Verdict:
+    gaps = {p: {k: _gaps(numbers, p, k) for k in BN_FAMILY} for p in PLACEMENTS}
+    means = {
+        p: {k: (mean(g) if g is not None else math.inf) for k, g in gaps[p].items()}
+        for p in PLACEMENTS
+    }
+    best = {p: min(BN_FAMILY, key=lambda k, p=p: means[p][k]) for p in PLACEMENTS}
+    deciding = "held-out loss, best BatchNorm-family norm − LayerNorm: " + "; ".join(
+        f"{PLACEMENTS[p]} {fmt(means[p][best[p]])} ({NORM_LABELS[best[p]]})" for p in PLACEMENTS
+    )
+    ln_beats_all = all(
+        gaps[p][k] is None or consistent_effect(gaps[p][k]) for p in PLACEMENTS for k in BN_FAMILY
+    )
+    bn_beats_ln = any(
+        all(
+            gaps[p][k] is not None and consistent_effect([-g for g in gaps[p][k]])
+            for p in PLACEMENTS
+        )
+        for k in BN_FAMILY
+    )
+    ln_beats_unmasked = all(
+        gaps[p]["batch"] is None or consistent_effect(gaps[p]["batch"]) for p in PLACEMENTS
+    )
+    ratios = numbers["fluctuation"]["var_shift_ratio"]
+    text_fluctuates = consistent_effect([math.log(r) for r in ratios])
+    last = numbers["gradients"]["last_layer"]
+    deepest = str(DEPTHS[-1])
+    post_over_pre = mean(last["post"][deepest]) / mean(last["pre"][deepest])
+    training = numbers["training"]
+    context = (
+        f" (Held-out loss after {training['steps']} steps of {training['batch']} lines, "
+        f"{len(training['seeds'])} seeds: a short, early-training regime.)"
+        f" Batch variance fluctuation, text (masked BN) / digits: {fmt(mean(ratios))}x ± "
+        f"{fmt(spread(ratios))} (text {'' if text_fluctuates else 'not '}consistently above "
+        f"images over seeds). Gradient of the last FFN weight at init with {deepest} layers: "
+        f"Post-LN / Pre-LN {fmt(post_over_pre)}x (placement of LayerNorm, not LN vs BN)."
+    )
+    gap_text = "; ".join(
+        f"{PLACEMENTS[p]}: "
+        + ", ".join(
+            f"{NORM_LABELS[k]} {'diverged' if gaps[p][k] is None else fmt(mean(gaps[p][k]))}"
+            for k in BN_FAMILY
+        )
+        for p in PLACEMENTS
+    )
+    if ln_beats_all:
+        return Verdict(
+            "supported",
+            f"LayerNorm reached a lower held-out loss than every BatchNorm-family norm in every "
+            f"seed, in both placements (loss − LayerNorm: {gap_text}).{context}",
+            deciding,
+        )
+    if bn_beats_ln:
+        return Verdict(
+            "contradicted",
+            f"A BatchNorm-family norm reached a consistently lower held-out loss than LayerNorm "
+            f"in both placements (loss − LayerNorm: {gap_text}).{context}",
+            deciding,
+        )
+    if ln_beats_unmasked or text_fluctuates:
+        return Verdict(
+            "partly supported",
+            f"LayerNorm did not beat every BatchNorm-family norm consistently (loss − "
+            f"LayerNorm: {gap_text}), but "
+            + (
+                "it beat plain (unmasked) BatchNorm in both placements"
+                if ln_beats_unmasked
+                else "text batch statistics fluctuated consistently more than image ones"
+            )
+            + f".{context}",
+            deciding,
+        )
+    return Verdict(
+        "inconclusive",
+        f"No consistent difference between LayerNorm and the BatchNorm family, and no "
+        f"consistent excess fluctuation of text statistics (loss − LayerNorm: {gap_text})."
+        f"{context}",
+        deciding,
+    )
+
+
+CLAIM = Claim(
+    letter="f",
+    key="architecture",
+    title="Architecture fit: norms inside a Transformer",
+    article="Transformer and BERT are built from self-attention and MLP blocks over per-sample "
+    "feature vectors, which LayerNorm fits directly; BatchNorm was designed for CNNs and is "
+    "less effective in Transformers while adding complexity and cost.",
+    rule="Per placement (Pre-LN, Post-LN) and BatchNorm-family norm (unmasked BatchNorm, masked "
+    "BatchNorm, masked PowerNorm), the per-seed difference of final held-out loss minus "
+    "LayerNorm's. Supported if LayerNorm is better than every one of them in both placements "
+    "(rules.consistent_effect on the differences; a diverged run counts as worse). "
+    "Contradicted if some BatchNorm-family norm is consistently better than LayerNorm in both "
+    "placements. Otherwise partly supported if LayerNorm consistently beats unmasked BatchNorm "
+    "in both placements, or if text batch-variance fluctuation (masked BatchNorm, relative to "
+    "the running variance) exceeds the digits MLP's consistently (consistent_effect on the "
+    "log ratio per seed); else inconclusive. The gradient-versus-depth measurement is "
+    "reported beside the verdict: it concerns where LayerNorm sits, not LayerNorm vs "
+    "BatchNorm.",
+    literature="Xiong et al., ICML 2020 (On Layer Normalization in the Transformer "
+    "Architecture): at initialization Post-LN's gradients near the output are large and do not "
+    "shrink with depth, Pre-LN's scale as 1/sqrt(depth) and are uniform across layers, so "
+    "Pre-LN trains without warmup. Shen et al., ICML 2020 (PowerNorm, arXiv:2003.07845): batch "
+    "statistics in NLP Transformers fluctuate far more than in CNNs on images, which hurts "
+    "BatchNorm; PowerNorm (quadratic mean, running statistics in the forward) closes the gap. "
+    "Vaswani et al. 2017 and BERT use Post-LN LayerNorm.",
+    run=run,
+    verdict=verdict,
+)
