@@ -6,12 +6,14 @@ one differentiable normalization (``normlab.ops``).
 """
 
 from normlab.functional.batch import batch_norm, batch_renorm
-from normlab.functional.feature import layer_norm, rms_norm
+from normlab.functional.feature import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from normlab.functional.group import group_norm
 from normlab.functional.instance import instance_norm
 from normlab.functional.power import power_norm
 
 __all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
     "batch_norm",
     "batch_renorm",
     "group_norm",

@@ -8,11 +8,13 @@ import torch
 
 from normlab import axes as _axes
 from normlab._checks import check_floating, check_param
-from normlab.ops import normalize
+from normlab.ops import add_normalize, normalize
 
 
-def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center):
+def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, residual=None):
     check_floating(x, fn=fn)
+    if residual is not None:
+        _check_residual(fn, x, residual)
     shape = _axes.as_shape(normalized_shape)
     norm_axes = _axes.feature_norm_axes(x.dim(), shape, _axes.as_dims(dim, len(shape)))
     actual = tuple(x.shape[a] for a in norm_axes.reduction)
@@ -25,15 +27,23 @@ def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center):
     check_param(weight, shape, fn=fn, argument="weight")
     check_param(bias, shape, fn=fn, argument="bias")
     param_shape = norm_axes.param_shape(x.shape)
-    y, _, _ = normalize(
-        x,
-        None if weight is None else weight.reshape(param_shape),
-        None if bias is None else bias.reshape(param_shape),
-        norm_axes.reduction,
-        eps,
-        center=center,
-    )
+    weight = None if weight is None else weight.reshape(param_shape)
+    bias = None if bias is None else bias.reshape(param_shape)
+    if residual is not None:
+        return add_normalize(x, residual, weight, bias, norm_axes.reduction, eps, center=center)
+    y, _, _ = normalize(x, weight, bias, norm_axes.reduction, eps, center=center)
     return y
+
+
+def _check_residual(fn, x, residual):
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{fn}: residual must be a Tensor, got {type(residual).__name__}")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(
+            f"{fn}: residual must have the input's shape, dtype and device, got "
+            f"{list(residual.shape)} {residual.dtype} {residual.device} for input "
+            f"{list(x.shape)} {x.dtype} {x.device}"
+        )
 
 
 def layer_norm(
@@ -62,3 +72,37 @@ def rms_norm(
     if eps is None and isinstance(input, torch.Tensor) and input.is_floating_point():
         eps = torch.finfo(input.dtype).eps
     return _feature_norm("rms_norm", input, normalized_shape, weight, None, eps, dim, False)
+
+
+def add_layer_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    dim: int | Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add and LayerNorm, as a pre-norm Transformer block needs:
+    ``s = input + residual`` and ``layer_norm(s, ...)``, returned as ``(normalized, s)``
+    (``s`` is the next block's residual stream). One pass over memory on the Numba backend."""
+    return _feature_norm(
+        "add_layer_norm", input, normalized_shape, weight, bias, eps, dim, True, residual
+    )
+
+
+def add_rms_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    dim: int | Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add and RMSNorm: ``(rms_norm(input + residual, ...), input + residual)``;
+    ``eps=None`` as in ``rms_norm``."""
+    if eps is None and isinstance(input, torch.Tensor) and input.is_floating_point():
+        eps = torch.finfo(input.dtype).eps
+    return _feature_norm(
+        "add_rms_norm", input, normalized_shape, weight, None, eps, dim, False, residual
+    )

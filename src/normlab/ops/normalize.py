@@ -101,3 +101,19 @@ def normalize(
     return _Normalize.apply(
         x, weight, bias, tuple(reduction_dims), float(eps), center, mean, var, mask
     )
+
+
+def add_normalize(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    reduction_dims: tuple[int, ...],
+    eps: float,
+    *,
+    center: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalize(x + residual), x + residual): the pre-norm residual block's fused step."""
+    total = x + residual
+    y, _, _ = normalize(total, weight, bias, reduction_dims, eps, center=center)
+    return y, total

@@ -1,0 +1,71 @@
+"""Which implementation runs a normalization, and how to choose it.
+
+- ``"numba"``: the fused CPU kernels (``normlab.kernels.cpu``), registered as torch custom
+  ops. They take contiguous float32/float64 CPU tensors in the layouts they were written
+  for (see ``normlab.ops.dispatch``).
+- ``"composite"``: plain torch operations with normlab's explicit backward; any device,
+  dtype and layout.
+- ``"auto"`` (default): ``"numba"`` where it applies, ``"composite"`` otherwise.
+
+Forcing ``"numba"`` on an input it cannot take raises a ValueError saying why, instead of
+silently running something else. ``last_used()`` tells which backend ran the most recent
+normalization (in eager mode; inside ``torch.compile`` the choice is made at trace time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+BACKENDS = ("auto", "numba", "composite")
+
+_state = threading.local()
+_default = "auto"
+_last = {"backend": None}
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend requested for this thread (``use`` overrides ``set_backend``)."""
+    return getattr(_state, "backend", None) or _default
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend: "auto", "numba" or "composite"."""
+    global _default
+    _default = _check(name)
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Run the block with ``name`` as the backend (this thread only)."""
+    previous = getattr(_state, "backend", None)
+    _state.backend = _check(name)
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def last_used() -> str | None:
+    """ "numba" or "composite": the backend of the most recent normalization call."""
+    return _last["backend"]
+
+
+def _record(name: str) -> None:
+    _last["backend"] = name
+
+
+def numba_available() -> bool:
+    """True if the Numba kernels can be imported."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
