@@ -1,0 +1,219 @@
+"""LayerNorm and RMSNorm over the last axis of a (rows, features) array, and the fused
+residual add: one parallel task per row, float64 accumulation for float32 input too.
+
+Per row of N features (``center``: LayerNorm; otherwise RMSNorm, whose mean is 0):
+
+    mean = (1/N) sum x                  var = (1/N) sum (x - mean)^2   (two passes, cached)
+    rstd = 1 / sqrt(var + eps)          y   = (x - mean) * rstd * weight + bias
+
+Backward, with xhat = (x - mean) * rstd and g = dy * weight:
+
+    dx      = rstd * (g - mean(g) - xhat * mean(g * xhat))    (no mean(g) without centring)
+    dweight = sum_rows dy * xhat        dbias = sum_rows dy
+
+Rows never interact in the forward (a row's output is the same whatever the other rows are).
+dweight and dbias are summed per fixed block of rows (``runtime.chunk_bounds``), then the
+blocks in order: the result is bit-identical for any thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from normlab.kernels.cpu.runtime import chunk_bounds, kernel, serial
+
+_chunk_bounds = serial(chunk_bounds)
+
+
+@serial
+def _div(total, count):
+    """total / count, NaN for count 0 (as 0/0 in torch, where Numba would raise)."""
+    return total / count if count != 0 else np.nan
+
+
+@serial
+def _rsqrt(v):
+    """1 / sqrt(v) with torch's rsqrt at the edges: inf at 0, NaN for NaN and negatives."""
+    if v > 0:
+        return 1.0 / np.sqrt(v)
+    return np.inf if v == 0 else np.nan
+
+
+@serial
+def _sum(row):
+    """sum row, in float64."""
+    s = 0.0
+    for j in range(row.shape[0]):
+        s += row[j]
+    return s
+
+
+@serial
+def _squared_deviation(row, mu):
+    """sum (row - mu)^2, in float64."""
+    s = 0.0
+    for j in range(row.shape[0]):
+        d = row[j] - mu
+        s += d * d
+    return s
+
+
+@serial
+def _affine(row, mu, rs, weight, bias, out):
+    """out = (row - mu) * rs * weight + bias, computed in float64, rounded once."""
+    for j in range(row.shape[0]):
+        out[j] = (row[j] - mu) * rs * weight[j] + bias[j]
+
+
+@serial
+def _normalize_row(row, total, weight, bias, eps, center, out):
+    """Normalizes ``row`` (whose sum is ``total``) into ``out``; returns (mean, rstd)."""
+    n = row.shape[0]
+    mu = _div(total, n) if center else 0.0
+    rs = _rsqrt(_div(_squared_deviation(row, mu), n) + eps)
+    _affine(row, mu, rs, weight, bias, out)
+    return mu, rs
+
+
+@kernel
+def row_norm_forward(x, weight, bias, eps, center, y, mean, rstd):
+    """y = (x - mean) * rstd * weight + bias per row of x (R, N); writes y, mean, rstd (R,).
+
+    ``center``: LayerNorm, var = mean((x - mean)^2); else RMSNorm, mean = 0, var = mean(x^2).
+    rstd = 1 / sqrt(var + eps).
+    """
+    for r in prange(x.shape[0]):
+        xr = x[r]
+        total = _sum(xr) if center else 0.0
+        mu, rs = _normalize_row(xr, total, weight, bias, eps, center, y[r])
+        mean[r] = mu
+        rstd[r] = rs
+
+
+@kernel
+def add_row_norm_forward(x, residual, weight, bias, eps, center, y, sum_out, mean, rstd):
+    """sum_out = x + residual (in x's dtype), y = row_norm(sum_out): one pass over the row
+    adds, stores and sums; the statistics and y are computed from the rounded sum."""
+    for r in prange(x.shape[0]):
+        xr, rr, sr = x[r], residual[r], sum_out[r]
+        total = 0.0
+        for j in range(xr.shape[0]):
+            v = xr[j] + rr[j]
+            sr[j] = v
+            total += v
+        mu, rs = _normalize_row(sr, total, weight, bias, eps, center, y[r])
+        mean[r] = mu
+        rstd[r] = rs
+
+
+@serial
+def _row_input_gradient(dyr, xr, weight, m0, rs, center, extra, has_extra, dxr):
+    """dx of one row (plus ``extra`` if ``has_extra``) into ``dxr``; returns the row's
+    float64 mean.
+
+    The stored mean m0 may be rounded (float32): the float64 mean m0 + delta, with
+    delta = mean(x - m0), is recovered in the same pass as the gradient sums, and
+    sum(g * xhat) = rstd * (sum(g * (x - m0)) - delta * sum(g)).
+    """
+    n = xr.shape[0]
+    sd = 0.0
+    sg = 0.0
+    sgd = 0.0
+    for j in range(n):
+        d = xr[j] - m0
+        g = dyr[j] * weight[j]
+        sd += d
+        sg += g
+        sgd += g * d
+    # One reciprocal with several uses: a lone ``a / n`` would be sunk into the loop below
+    # by LLVM's reassociation (a vector division per element).
+    inv_n = _div(1.0, n)
+    delta = sd * inv_n if center else 0.0
+    mu = m0 + delta
+    c1 = sg * inv_n if center else 0.0
+    c2 = rs * (sgd - delta * sg) * inv_n
+    if has_extra:
+        for j in range(n):
+            xh = (xr[j] - mu) * rs
+            dxr[j] = rs * (dyr[j] * weight[j] - c1 - xh * c2) + extra[j]
+    else:
+        for j in range(n):
+            xh = (xr[j] - mu) * rs
+            dxr[j] = rs * (dyr[j] * weight[j] - c1 - xh * c2)
+    return mu
+
+
+@serial
+def _affine_sums(dy, x, mus, rstd, r, k, pw, pb):
+    """pw += sum dy * xhat, pb += sum dy over the k rows r, r+1, ... (float64 means mus).
+
+    Four rows per sweep when k == 4: a quarter of the read-modify-writes of pw and pb.
+    """
+    n = x.shape[1]
+    if k == 4:
+        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+        d0, d1, d2, d3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
+        m0, m1, m2, m3 = mus[0], mus[1], mus[2], mus[3]
+        s0, s1 = np.float64(rstd[r]), np.float64(rstd[r + 1])
+        s2, s3 = np.float64(rstd[r + 2]), np.float64(rstd[r + 3])
+        for j in range(n):
+            e0 = np.float64(d0[j])
+            e1 = np.float64(d1[j])
+            e2 = np.float64(d2[j])
+            e3 = np.float64(d3[j])
+            t01 = e0 * ((x0[j] - m0) * s0) + e1 * ((x1[j] - m1) * s1)
+            t23 = e2 * ((x2[j] - m2) * s2) + e3 * ((x3[j] - m3) * s3)
+            pw[j] += t01 + t23
+            pb[j] += (e0 + e1) + (e2 + e3)
+    else:
+        for q in range(k):
+            xq, dq, mq, sq = x[r + q], dy[r + q], mus[q], np.float64(rstd[r + q])
+            for j in range(n):
+                e = np.float64(dq[j])
+                pw[j] += e * ((xq[j] - mq) * sq)
+                pb[j] += e
+
+
+@serial
+def _add_blocks(partial, out):
+    """out = partial[0] + partial[1] + ... in block order (vectorized across columns)."""
+    acc = np.zeros(partial.shape[1])
+    for blk in range(partial.shape[0]):
+        p = partial[blk]
+        for j in range(acc.shape[0]):
+            acc[j] += p[j]
+    for j in range(acc.shape[0]):
+        out[j] = acc[j]
+
+
+@kernel
+def row_norm_backward(dy, x, weight, mean, rstd, center, extra, dx, dweight, dbias):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) [+ extra] per row, g = dy * weight,
+    xhat = (x - mean) * rstd (no mean(g) term unless ``center``); ``extra`` (R, N) is added
+    to dx, shape (0, N) means none. dweight = sum_rows dy * xhat, dbias = sum_rows dy
+    (written), summed deterministically over fixed blocks of rows."""
+    rows, n = x.shape
+    blocks, size = _chunk_bounds(rows)
+    has_extra = extra.shape[0] != 0
+    # Per block, pw = partial[:n] and pb = partial[n + pad:], half a page apart (no 4K
+    # aliasing between their loads and stores).
+    pad = (256 - n % 512) % 512
+    partial = np.zeros((blocks, 2 * n + pad))
+    for blk in prange(blocks):
+        pw = partial[blk, :n]
+        pb = partial[blk, n + pad :]
+        mus = np.empty(4)
+        stop = min(rows, (blk + 1) * size)
+        for r in range(blk * size, stop, 4):
+            k = min(4, stop - r)
+            for q in range(k):
+                er = extra[r + q] if has_extra else extra[0:0].ravel()
+                m0 = np.float64(mean[r + q])
+                rs = np.float64(rstd[r + q])
+                mus[q] = _row_input_gradient(
+                    dy[r + q], x[r + q], weight, m0, rs, center, er, has_extra, dx[r + q]
+                )
+            _affine_sums(dy, x, mus, rstd, r, k, pw, pb)
+    _add_blocks(partial[:, :n], dweight)
+    _add_blocks(partial[:, n + pad :], dbias)
