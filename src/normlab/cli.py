@@ -1,4 +1,5 @@
-"""The ``normlab`` command line: ``normlab report`` (the lab) and ``normlab demo``."""
+"""The ``normlab`` command line: ``normlab report`` (the lab), ``normlab bench`` (speed) and
+``normlab demo``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 
 import normlab
+from normlab.bench.options import add_arguments as add_bench_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", default="normlab-report", help="output folder")
     report.add_argument("--seed", type=int, default=0, help="base seed (runs are deterministic)")
+    bench = commands.add_parser(
+        "bench",
+        help="time the norms against torch eager, torch.compile and a memory copy",
+        description="Time normlab's norms (auto, composite and numba backends) against torch "
+        "eager, torch.compile and a memory copy of the same bytes, forward and backward, with "
+        "glibc's default allocation and with freed memory retained; print tables, write JSON.",
+    )
+    add_bench_arguments(bench)
     return parser
 
 
@@ -54,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
 
         only = None if args.only is None else args.only.split(",")
         return lab_main.main(args.profile, only, args.out, args.seed)
+    if args.command == "bench":
+        from normlab.bench import run_from_args
+
+        words = list(sys.argv[1:] if argv is None else argv)
+        words.remove("bench")  # the rest is the bench's own command line, for the record
+        return run_from_args(args, words)
     parser.print_help()
     return 0
 

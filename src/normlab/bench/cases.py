@@ -1,0 +1,113 @@
+"""The grid: which norm runs on which shape, in which variant.
+
+A :class:`Case` names an op and everything that shapes its workload; ``GRIDS`` holds the
+default grid (the issue's), a quick one (one representative shape per op and variant, for
+a run of a minute or two) and a toy one (tiny shapes, for tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OPS = (
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "batch_norm",
+    "group_norm",
+    "instance_norm",
+)
+"""Op names, as in ``normlab.functional`` (``--only`` takes these)."""
+
+PADDING = 0.3
+"""Fraction of padded positions in the masked BatchNorm cases (on average over the batch)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One workload of the grid.
+
+    ``shape`` is the input's shape: (rows, features) for the feature norms, (N, C, L) or
+    (B, L, C) for BatchNorm (``channel_dim`` 1 or -1), (N, C, H, W) for GroupNorm and
+    InstanceNorm. ``training`` selects BatchNorm's batch statistics (else running ones);
+    ``padding`` is the fraction of padded positions (BatchNorm via ``lengths=``; 0: no mask).
+    """
+
+    op: str
+    shape: tuple[int, ...]
+    channel_dim: int = 1
+    training: bool = True
+    padding: float = 0.0
+    groups: int = 32
+
+    @property
+    def masked(self) -> bool:
+        return self.padding > 0
+
+    @property
+    def variant(self) -> str:
+        """What distinguishes this case from others of the same op and shape."""
+        if self.op == "batch_norm":
+            layout = "N,C,L" if self.channel_dim == 1 else "B,L,C dim=-1"
+            mode = "train" if self.training else "eval"
+            pad = f" {round(self.padding * 100)}% pad" if self.masked else ""
+            return f"{mode} {layout}{pad}"
+        if self.op == "group_norm":
+            return f"{self.groups} groups"
+        return ""
+
+    @property
+    def label(self) -> str:
+        shape = "x".join(str(n) for n in self.shape)
+        return f"{self.op} {shape} {self.variant}".strip()
+
+
+def _feature_cases(shapes: list[tuple[int, int]]) -> list[Case]:
+    return [
+        Case(op, shape)
+        for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+        for shape in shapes
+    ]
+
+
+def _batch_norm_cases(ncl: tuple[int, int, int], nlc: tuple[int, int, int]) -> list[Case]:
+    cases = []
+    for padding in (0.0, PADDING):
+        cases.append(Case("batch_norm", ncl, channel_dim=1, padding=padding))
+        cases.append(Case("batch_norm", nlc, channel_dim=-1, padding=padding))
+    cases.append(Case("batch_norm", ncl, channel_dim=1, training=False))
+    cases.append(Case("batch_norm", nlc, channel_dim=-1, training=False))
+    return cases
+
+
+def _image_cases(shape: tuple[int, int, int, int], groups: int) -> list[Case]:
+    return [Case("group_norm", shape, groups=groups), Case("instance_norm", shape)]
+
+
+GRIDS: dict[str, list[Case]] = {
+    "default": _feature_cases([(8192, 1024), (32768, 768), (4096, 4096)])
+    + _batch_norm_cases((64, 256, 512), (64, 512, 256))
+    + _image_cases((32, 256, 32, 32), 32),
+    "quick": [
+        *_feature_cases([(8192, 1024)]),
+        Case("batch_norm", (64, 256, 512), channel_dim=1),
+        Case("batch_norm", (64, 512, 256), channel_dim=-1, padding=PADDING),
+        Case("batch_norm", (64, 256, 512), channel_dim=1, training=False),
+        *_image_cases((32, 256, 32, 32), 32),
+    ],
+    "toy": _feature_cases([(64, 32)])
+    + _batch_norm_cases((4, 8, 16), (4, 16, 8))
+    + _image_cases((2, 8, 4, 4), 4),
+}
+
+
+def select(grid: str, only: list[str] | None = None) -> list[Case]:
+    """The cases of ``grid`` whose op is in ``only`` (all when None)."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {sorted(GRIDS)}, got {grid!r}")
+    if only is not None:
+        unknown = sorted(set(only) - set(OPS))
+        if unknown:
+            raise ValueError(f"unknown op(s) {unknown}; choose from {', '.join(OPS)}")
+    return [case for case in GRIDS[grid] if only is None or case.op in only]

@@ -1,0 +1,130 @@
+"""The timer: one timed run of a contender, interleaved repetitions, and their summary.
+
+A *runner* is a zero-argument callable that does one run of one contender and returns the
+seconds of its timed region (``time.perf_counter``). Untimed setup (the forward that a
+backward needs) happens inside the runner, outside the timed region. Outputs are dropped
+after the timed region, so every contender allocates fresh outputs in every run, as it
+would in a training step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+
+import numpy as np
+import torch
+
+Runner = Callable[[], float]
+Call = Callable[[], tuple[torch.Tensor, ...]]
+ContextFactory = Callable[[], AbstractContextManager]
+
+
+def forward_runner(call: Call, context: ContextFactory = contextlib.nullcontext) -> Runner:
+    """Times ``call()`` (the forward, recording the autograd graph as in training)."""
+
+    def run() -> float:
+        with context():
+            start = time.perf_counter()
+            outputs = call()
+            elapsed = time.perf_counter() - start
+        del outputs
+        return elapsed
+
+    return run
+
+
+def backward_runner(
+    call: Call,
+    inputs: Sequence[torch.Tensor],
+    output_grads: Sequence[torch.Tensor],
+    context: ContextFactory = contextlib.nullcontext,
+) -> Runner:
+    """Runs the forward untimed, then times ``torch.autograd.grad`` of its outputs with
+    respect to ``inputs`` (a fresh graph each run: no ``retain_graph``)."""
+
+    def run() -> float:
+        with context():
+            outputs = call()
+            start = time.perf_counter()
+            grads = torch.autograd.grad(outputs, inputs, output_grads)
+            elapsed = time.perf_counter() - start
+        del grads, outputs
+        return elapsed
+
+    return run
+
+
+def copy_runner(source: torch.Tensor, destination: torch.Tensor | None) -> Runner:
+    """Times ``destination.copy_(source)`` into a preallocated buffer, or ``source.clone()``
+    (allocating a fresh buffer, as the contenders allocate their outputs) when
+    ``destination`` is None."""
+
+    def run() -> float:
+        start = time.perf_counter()
+        if destination is None:
+            result = source.clone()
+        else:
+            result = destination.copy_(source)
+        elapsed = time.perf_counter() - start
+        del result
+        return elapsed
+
+    return run
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect once, then keep Python's cyclic collector out of the timed loop."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def interleaved(
+    runners: dict[str, Runner], repetitions: int, warmup: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Run every runner ``warmup`` times, then ``repetitions`` times, in a fresh random
+    order in each round so that machine noise falls on all contenders alike. Returns the
+    timed seconds of the measured rounds, per runner."""
+    order = list(runners)
+    shuffle = random.Random(seed).shuffle
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    with gc_paused():
+        for round_index in range(warmup + repetitions):
+            shuffle(order)
+            for name in order:
+                elapsed = runners[name]()
+                if round_index >= warmup:
+                    samples[name].append(elapsed)
+    return samples
+
+
+def summarize(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles (linear interpolation) and interquartile range, in seconds."""
+    values = np.asarray(seconds, dtype=np.float64)
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {
+        "median_s": float(median),
+        "q1_s": float(q1),
+        "q3_s": float(q3),
+        "iqr_s": float(q3 - q1),
+        "min_s": float(values.min()),
+        "max_s": float(values.max()),
+    }
+
+
+def timed_once(fn: Callable[[], object]) -> tuple[float, object]:
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result

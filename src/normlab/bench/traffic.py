@@ -1,0 +1,49 @@
+"""The minimal-traffic model: the bytes an op must move at the least, from which GB/s and
+the size of the reference memory copy follow.
+
+Each full-size tensor (the input's shape, float32) counts once per read or write; weights,
+biases, statistics, running buffers, masks and lengths are O(rows) or O(channels) and are
+not counted. An implementation that reads the input twice (a statistics pass, then a
+normalize pass) still gets the single-read figure: GB/s is "useful bytes per second".
+"""
+
+from __future__ import annotations
+
+import math
+
+from normlab.bench.cases import Case
+
+DIRECTIONS = ("forward", "backward")
+
+FUSED_ADD_OPS = ("add_layer_norm", "add_rms_norm")
+
+MODEL = {
+    "forward": "read x + write y (2 tensors)",
+    "backward": "read x + read dy + write dx (3 tensors); weight/bias gradients not counted",
+    "fused add forward": "read x + read residual + write y + write sum (4 tensors)",
+    "fused add backward": (
+        "read sum (saved x + residual) + read dy + read dsum + write one gradient "
+        "(the input's and the residual's gradients are the same tensor) (4 tensors)"
+    ),
+    "not counted": "weights, biases, statistics, running buffers, masks, lengths",
+}
+"""The model in words, as written into the JSON and the docs."""
+
+
+def tensors_moved(case: Case, direction: str) -> int:
+    """Full-size tensors read or written at the least by ``case`` in ``direction``."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if case.op in FUSED_ADD_OPS:
+        return 4
+    return 2 if direction == "forward" else 3
+
+
+def traffic_bytes(case: Case, direction: str, element_size: int = 4) -> int:
+    """Bytes moved under the minimal-traffic model (float32: 4 bytes per element)."""
+    return tensors_moved(case, direction) * math.prod(case.shape) * element_size
+
+
+def model_name(case: Case, direction: str) -> str:
+    """The key of ``MODEL`` that applies to ``case`` in ``direction``."""
+    return f"fused add {direction}" if case.op in FUSED_ADD_OPS else direction
