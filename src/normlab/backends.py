@@ -7,21 +7,25 @@
   dtype and layout.
 - ``"auto"`` (default): ``"numba"`` where it applies, ``"composite"`` otherwise.
 
-Forcing ``"numba"`` on an input it cannot take raises a ValueError saying why, instead of
-silently running something else. ``last_used()`` tells which backend ran the most recent
-normalization (in eager mode; inside ``torch.compile`` the choice is made at trace time).
+The environment variable ``NORMLAB_BACKEND`` sets the default for a process (and the
+processes it spawns). Forcing ``"numba"`` on an input it cannot take raises a ValueError
+saying why, instead of silently running something else. ``last_used()`` tells which
+backend ran the most recent normalization (in eager mode; inside ``torch.compile`` the
+choice is made at trace time).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import threading
 from collections.abc import Iterator
 
 BACKENDS = ("auto", "numba", "composite")
 
 _state = threading.local()
-_default = "auto"
+_default = os.environ.get("NORMLAB_BACKEND", "auto")
 _last = {"backend": None}
 
 
@@ -62,10 +66,12 @@ def _record(name: str) -> None:
     _last["backend"] = name
 
 
+_NUMBA = importlib.util.find_spec("numba") is not None
+
+
 def numba_available() -> bool:
-    """True if the Numba kernels can be imported."""
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True if Numba is installed (the kernels compile at their first call)."""
+    return _NUMBA
+
+
+_check(_default)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from normlab.kernels import composite
+from normlab.ops import dispatch, fused_channels, fused_groups, fused_rows
 
 
 def _normalize_graph(x, weight, bias, reduction_dims, eps, center, mean, var, mask):
@@ -97,10 +98,40 @@ def normalize(
     (``center=False``: mean 0, RMSNorm), over the elements where ``mask`` (bool,
     broadcastable to x) is True when it is given. Every element is normalized. Returns
     ``(y, mean, var)``, the statistics in the accumulation dtype and without gradient.
+
+    Runs a fused Numba kernel where one takes the call (``normlab.ops.dispatch``), else the
+    composite backend; ``normlab.backends`` chooses and reports which.
     """
-    return _Normalize.apply(
-        x, weight, bias, tuple(reduction_dims), float(eps), center, mean, var, mask
-    )
+    reduction_dims = tuple(reduction_dims)
+    plan = dispatch.choose(x, weight, bias, reduction_dims, center, mean, var, mask)
+    if plan is not None:
+        return _fused(plan, x, weight, bias, reduction_dims, float(eps), center, mean, var, mask)
+    return _Normalize.apply(x, weight, bias, reduction_dims, float(eps), center, mean, var, mask)
+
+
+def _flat(t):
+    return None if t is None else t.reshape(-1)
+
+
+def _fused(plan, x, weight, bias, reduction_dims, eps, center, mean, var, mask):
+    """Run ``plan`` on the Numba custom ops; returns what ``normalize`` returns."""
+    acc = composite.accumulation_dtype(x.dtype)
+    keep = [1 if d in reduction_dims else n for d, n in enumerate(x.shape)]
+    view = x.reshape(plan.view)
+    w, b = _flat(weight), _flat(bias)
+    if plan.layout == "rows":
+        y, mean, rstd = fused_rows.row_norm(view, w, b, eps, center)
+        var = rstd.pow(-2) - eps  # for the record only: no caller of a rows plan uses it
+    elif plan.layout == "groups":
+        m = plan.kernel_mask(x, mask)
+        y, mean, var, _ = fused_groups.group_norm(view, w, b, plan.groups, eps, m)
+    elif mean is not None:
+        y, _, _ = fused_channels.batch_norm_given(view, w, b, _flat(mean), _flat(var), eps)
+        return y.reshape(x.shape), mean.to(acc), var.to(acc)
+    else:
+        m = plan.kernel_mask(x, mask)
+        y, mean, var, _, _ = fused_channels.batch_norm_train(view, w, b, eps, m)
+    return y.reshape(x.shape), mean.reshape(keep).to(acc), var.reshape(keep).to(acc)
 
 
 def add_normalize(
@@ -113,7 +144,20 @@ def add_normalize(
     *,
     center: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalize(x + residual), x + residual): the pre-norm residual block's fused step."""
+    """(normalize(x + residual), x + residual): the pre-norm residual block's fused step,
+    one Numba kernel where the rows kernel takes the call."""
+    reduction_dims = tuple(reduction_dims)
+    plan = dispatch.choose_add(x, residual, weight, bias, reduction_dims, center)
+    if plan is not None:
+        y, total, _, _ = fused_rows.add_row_norm(
+            x.reshape(plan.view),
+            residual.reshape(plan.view),
+            _flat(weight),
+            _flat(bias),
+            float(eps),
+            center,
+        )
+        return y.reshape(x.shape), total.reshape(x.shape)
     total = x + residual
     y, _, _ = normalize(total, weight, bias, reduction_dims, eps, center=center)
     return y, total

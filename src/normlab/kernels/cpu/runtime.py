@@ -66,12 +66,39 @@ def serial(fn):
     return numba.njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")(fn)
 
 
-def sync_threads() -> int:
+# Below this many elements a kernel runs on one thread: waking the others costs more than
+# the work (and much more on a loaded machine, where a sleeping thread delays the barrier).
+PARALLEL_MIN_ELEMENTS = 1 << 15
+
+
+_launched = False
+
+
+def _launch_pool_keeping_torch_threads(torch) -> None:
+    """Start Numba's thread pool once, explicitly. With the OpenMP layer (the one torch
+    also uses) starting the pool calls omp_set_num_threads(NUMBA_NUM_THREADS), which would
+    silently undo the user's ``torch.set_num_threads``: put it back."""
+    global _launched
+    if _launched:
+        return
+    from numba.np.ufunc import parallel
+
+    threads = torch.get_num_threads()
+    parallel._launch_threads()
+    torch.set_num_threads(threads)
+    _launched = True
+
+
+def sync_threads(elements: int | None = None) -> int:
     """Numba uses as many threads as torch (``torch.set_num_threads``), capped by the
-    threads Numba started with. Returns the count in use."""
+    threads Numba started with; one thread for a kernel over fewer than
+    ``PARALLEL_MIN_ELEMENTS`` elements. Returns the count in use."""
     import torch
 
+    _launch_pool_keeping_torch_threads(torch)
     wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if elements is not None and elements < PARALLEL_MIN_ELEMENTS:
+        wanted = 1
     if numba.get_num_threads() != wanted:
         numba.set_num_threads(wanted)
     return wanted

@@ -1,0 +1,193 @@
+"""LayerNorm / RMSNorm over rows, and the fused residual add, as torch custom ops on the
+Numba kernels of ``normlab.kernels.cpu.rows``. x arrives as a contiguous (rows, features)
+view; weight and bias as (features,) or None."""
+
+import torch
+
+from normlab.kernels import composite
+from normlab.ops.fused_common import (
+    array,
+    differentiable_backward,
+    launch,
+    param,
+    stats,
+)
+
+
+def _rows():
+    from normlab.kernels.cpu import rows
+
+    return rows
+
+
+@torch.library.custom_op("normlab::row_norm", mutates_args=(), device_types="cpu")
+def row_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    center: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd) of LayerNorm (center) or RMSNorm over each row; statistics float64."""
+    n_rows, n = x.shape
+    y, mean, rstd = torch.empty_like(x), stats(n_rows, x), stats(n_rows, x)
+    launch(
+        _rows().row_norm_forward,
+        array(x),
+        param(weight, n, 1.0, x),
+        param(bias, n, 0.0, x),
+        eps,
+        center,
+        array(y),
+        array(mean),
+        array(rstd),
+    )
+    return y, mean, rstd
+
+
+@torch.library.custom_op("normlab::add_row_norm", mutates_args=(), device_types="cpu")
+def add_row_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    center: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, s, mean, rstd) with s = x + residual and y the norm of s, in one pass."""
+    n_rows, n = x.shape
+    y, total = torch.empty_like(x), torch.empty_like(x)
+    mean, rstd = stats(n_rows, x), stats(n_rows, x)
+    launch(
+        _rows().add_row_norm_forward,
+        array(x),
+        array(residual),
+        param(weight, n, 1.0, x),
+        param(bias, n, 0.0, x),
+        eps,
+        center,
+        array(y),
+        array(total),
+        array(mean),
+        array(rstd),
+    )
+    return y, total, mean, rstd
+
+
+@torch.library.custom_op("normlab::row_norm_backward", mutates_args=(), device_types="cpu")
+def row_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    center: bool,
+    extra: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); ``extra`` (the fused add's gradient of s) is added to dx."""
+    n = x.shape[1]
+    dx, dweight, dbias = torch.empty_like(x), x.new_empty(n), x.new_empty(n)
+    extra_array = array(extra) if extra is not None else array(x.new_empty((0, n)))
+    launch(
+        _rows().row_norm_backward,
+        array(dy),
+        array(x),
+        param(weight, n, 1.0, x),
+        array(mean),
+        array(rstd),
+        center,
+        extra_array,
+        array(dx),
+        array(dweight),
+        array(dbias),
+    )
+    return dx, dweight, dbias
+
+
+@row_norm.register_fake
+def _(x, weight, bias, eps, center):
+    return torch.empty_like(x), _fake_stats(x), _fake_stats(x)
+
+
+@add_row_norm.register_fake
+def _(x, residual, weight, bias, eps, center):
+    return torch.empty_like(x), torch.empty_like(x), _fake_stats(x), _fake_stats(x)
+
+
+@row_norm_backward.register_fake
+def _(dy, x, weight, mean, rstd, center, extra):
+    n = x.shape[1]
+    return torch.empty_like(x), x.new_empty(n), x.new_empty(n)
+
+
+def _fake_stats(x):
+    return x.new_empty(x.shape[0], dtype=torch.float64)
+
+
+def _composite_forward(eps, center):
+    def forward(x, weight, bias):
+        y, *_ = composite.normalize_forward(x, weight, bias, (1,), eps, center)
+        return y
+
+    return forward
+
+
+def _gradients(ctx, dy, x, extra):
+    weight, bias, mean, rstd = ctx.weight_bias_stats
+    dx, dweight, dbias = row_norm_backward(
+        dy.contiguous(), x, weight, mean, rstd, ctx.center, extra
+    )
+    return (
+        dx,
+        dweight if weight is not None and ctx.needs_input_grad[-4] else None,
+        dbias if bias is not None and ctx.needs_input_grad[-3] else None,
+    )
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, eps, center = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.eps, ctx.center = eps, center
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        grads = differentiable_backward(
+            ctx, dy, _composite_forward(ctx.eps, ctx.center), (x, weight, bias)
+        )
+        return (*grads, None, None)
+    ctx.weight_bias_stats = (weight, bias, mean, rstd)
+    return (*_gradients(ctx, dy, x, None), None, None)
+
+
+def _add_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, center = inputs
+    _, total, mean, rstd = output
+    ctx.save_for_backward(x, residual, total, weight, bias, mean, rstd)
+    ctx.eps, ctx.center = eps, center
+
+
+def _add_backward(ctx, dy, dtotal, _dmean, _drstd):
+    x, residual, total, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        normalize = _composite_forward(ctx.eps, ctx.center)
+
+        def forward(x, residual, weight, bias):  # the op's two outputs, one scalar product
+            s = x + residual
+            out = (normalize(s, weight, bias) * dy).sum()
+            return out if dtotal is None else out + (s * dtotal).sum()
+
+        grads = differentiable_backward(
+            ctx, torch.ones((), dtype=dy.dtype), forward, (x, residual, weight, bias)
+        )
+        return (*grads, None, None)
+    ctx.weight_bias_stats = (weight, bias, mean, rstd)
+    dtotal = None if dtotal is None else dtotal.contiguous()
+    dx, dweight, dbias = _gradients(ctx, dy, total, dtotal)
+    return dx, dx, dweight, dbias, None, None
+
+
+row_norm.register_autograd(_backward, setup_context=_setup)
+add_row_norm.register_autograd(_add_backward, setup_context=_add_setup)
