@@ -30,7 +30,10 @@ def backend(request):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_backend(backend):
+def _seed_and_backend(backend, monkeypatch):
+    """Every test starts from seed 0 on its backend. "auto" takes the kernels on inputs of
+    any size here (the tests' inputs are small; the size rule has its own test)."""
     torch.manual_seed(0)
+    monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 0)
     with backends.use(backend):
         yield

@@ -340,6 +340,18 @@ def test_auto_takes_numba_for_the_layouts_it_was_written_for():
     assert backends.last_used() == "composite"
 
 
+def test_auto_leaves_small_inputs_to_the_composite(monkeypatch):
+    monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 1 << 15)
+    with backends.use("auto"):
+        NF.layer_norm(torch.randn(4, 8), (8,))
+        assert backends.last_used() == "composite"
+        NF.layer_norm(torch.randn(64, 512), (512,))
+        assert backends.last_used() == "numba"
+    with backends.use("numba"):
+        NF.layer_norm(torch.randn(4, 8), (8,))
+        assert backends.last_used() == "numba"
+
+
 def test_backend_names_are_checked_and_use_restores():
     with pytest.raises(ValueError, match="backend must be one of"):
         backends.set_backend("cuda")
@@ -402,8 +414,8 @@ def _opcheck_cases():
 @pytest.mark.parametrize("case", range(6))
 def test_custom_ops_pass_torch_opcheck(case):
     """Schema, fake (meta) implementation, autograd registration and aot_dispatch."""
-    op, args = _opcheck_cases()[case]
-    torch.library.opcheck(op, args)
+    run, args = _opcheck_cases()[case]
+    torch.library.opcheck(run.op, args)
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,8 @@ def choose(x, weight, bias, reduction, center, mean, var, mask) -> Plan | None:
         backends._record("composite")
         return None
     found = plan(x, weight, bias, tuple(reduction), center, mean, var, mask)
+    if wanted == "auto" and x.numel() < backends.AUTO_MIN_ELEMENTS:
+        found = f"fewer than {backends.AUTO_MIN_ELEMENTS} elements"
     if isinstance(found, str):
         if wanted == "numba":
             raise ValueError(

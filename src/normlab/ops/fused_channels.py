@@ -8,7 +8,9 @@ import torch
 from normlab.kernels import composite
 from normlab.ops.fused_common import (
     array,
+    backward_op,
     differentiable_backward,
+    fused_op,
     launch,
     mask_array,
     param,
@@ -35,8 +37,7 @@ def _apply(x, weight, bias, mean, rstd) -> torch.Tensor:
     return y
 
 
-@torch.library.custom_op("normlab::batch_norm_train", mutates_args=(), device_types="cpu")
-def batch_norm_train(
+def _batch_norm_train(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -59,8 +60,7 @@ def batch_norm_train(
     return _apply(x, weight, bias, mean, rstd), mean, var, rstd, count
 
 
-@torch.library.custom_op("normlab::batch_norm_given", mutates_args=(), device_types="cpu")
-def batch_norm_given(
+def _batch_norm_given(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -74,8 +74,7 @@ def batch_norm_given(
     return _apply(x, weight, bias, mean, rstd), mean, rstd
 
 
-@torch.library.custom_op("normlab::batch_norm_backward", mutates_args=(), device_types="cpu")
-def batch_norm_backward(
+def _batch_norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -108,22 +107,22 @@ def _fake_stats(x, n):
     return x.new_empty(n, dtype=torch.float64)
 
 
-@batch_norm_train.register_fake
-def _(x, weight, bias, eps, mask):
+def _fake_train(x, weight, bias, eps, mask):
     c = x.shape[1]
     return (torch.empty_like(x), *(_fake_stats(x, c) for _ in range(3)), _fake_stats(x, 1))
 
 
-@batch_norm_given.register_fake
-def _(x, weight, bias, mean, var, eps):
+def _fake_given(x, weight, bias, mean, var, eps):
     c = x.shape[1]
     return torch.empty_like(x), _fake_stats(x, c), _fake_stats(x, c)
 
 
-@batch_norm_backward.register_fake
-def _(dy, x, weight, mean, rstd, mask, count, stats_given):
+def _fake_backward(dy, x, weight, mean, rstd, mask, count, stats_given):
     c = x.shape[1]
     return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+
+
+batch_norm_backward = backward_op("batch_norm_backward", _batch_norm_backward, _fake_backward)
 
 
 def _composite_forward(eps, mask, mean=None, var=None):
@@ -148,9 +147,8 @@ def _composite_forward(eps, mask, mean=None, var=None):
 
 
 def _gradients(ctx, dy, x, weight, bias, mean, rstd, mask, count, stats_given):
-    dx, dweight, dbias = batch_norm_backward(
-        dy.contiguous(), x, weight, mean, rstd, mask, count, stats_given
-    )
+    backward = batch_norm_backward if ctx.traced else _batch_norm_backward
+    dx, dweight, dbias = backward(dy.contiguous(), x, weight, mean, rstd, mask, count, stats_given)
     needs = ctx.needs_input_grad
     return (
         dx if needs[0] else None,
@@ -195,5 +193,9 @@ def _given_backward(ctx, dy, *_stat_grads):
     return (*grads, None, None, None)
 
 
-batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup)
-batch_norm_given.register_autograd(_given_backward, setup_context=_given_setup)
+batch_norm_train = fused_op(
+    "batch_norm_train", _batch_norm_train, _fake_train, _train_setup, _train_backward
+)
+batch_norm_given = fused_op(
+    "batch_norm_given", _batch_norm_given, _fake_given, _given_setup, _given_backward
+)

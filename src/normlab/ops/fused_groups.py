@@ -7,7 +7,9 @@ import torch
 from normlab.kernels import composite
 from normlab.ops.fused_common import (
     array,
+    backward_op,
     differentiable_backward,
+    fused_op,
     launch,
     mask_array,
     param,
@@ -21,8 +23,7 @@ def _groups():
     return groups
 
 
-@torch.library.custom_op("normlab::group_norm", mutates_args=(), device_types="cpu")
-def group_norm(
+def _group_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -50,8 +51,7 @@ def group_norm(
     return y, mean, var, rstd
 
 
-@torch.library.custom_op("normlab::group_norm_backward", mutates_args=(), device_types="cpu")
-def group_norm_backward(
+def _group_norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -78,16 +78,17 @@ def group_norm_backward(
     return dx, dweight, dbias
 
 
-@group_norm.register_fake
-def _(x, weight, bias, groups, eps, mask):
+def _fake_group_norm(x, weight, bias, groups, eps, mask):
     shape = (x.shape[0], groups)
     return (torch.empty_like(x), *(x.new_empty(shape, dtype=torch.float64) for _ in range(3)))
 
 
-@group_norm_backward.register_fake
-def _(dy, x, weight, mean, rstd, groups, mask):
+def _fake_backward(dy, x, weight, mean, rstd, groups, mask):
     c = x.shape[1]
     return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+
+
+group_norm_backward = backward_op("group_norm_backward", _group_norm_backward, _fake_backward)
 
 
 def _composite_forward(groups, eps, mask):
@@ -125,9 +126,8 @@ def _backward(ctx, dy, _dmean, _dvar, _drstd):
         forward = _composite_forward(ctx.groups, ctx.eps, mask)
         grads = differentiable_backward(ctx, dy, forward, (x, weight, bias))
         return (*grads, None, None, None)
-    dx, dweight, dbias = group_norm_backward(
-        dy.contiguous(), x, weight, mean, rstd, ctx.groups, mask
-    )
+    backward = group_norm_backward if ctx.traced else _group_norm_backward
+    dx, dweight, dbias = backward(dy.contiguous(), x, weight, mean, rstd, ctx.groups, mask)
     needs = ctx.needs_input_grad
     return (
         dx if needs[0] else None,
@@ -139,4 +139,4 @@ def _backward(ctx, dy, _dmean, _dvar, _drstd):
     )
 
 
-group_norm.register_autograd(_backward, setup_context=_setup)
+group_norm = fused_op("group_norm", _group_norm, _fake_group_norm, _setup, _backward)

@@ -7,7 +7,9 @@ import torch
 from normlab.kernels import composite
 from normlab.ops.fused_common import (
     array,
+    backward_op,
     differentiable_backward,
+    fused_op,
     launch,
     param,
     stats,
@@ -20,8 +22,7 @@ def _rows():
     return rows
 
 
-@torch.library.custom_op("normlab::row_norm", mutates_args=(), device_types="cpu")
-def row_norm(
+def _row_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -45,8 +46,7 @@ def row_norm(
     return y, mean, rstd
 
 
-@torch.library.custom_op("normlab::add_row_norm", mutates_args=(), device_types="cpu")
-def add_row_norm(
+def _add_row_norm(
     x: torch.Tensor,
     residual: torch.Tensor,
     weight: torch.Tensor | None,
@@ -74,8 +74,7 @@ def add_row_norm(
     return y, total, mean, rstd
 
 
-@torch.library.custom_op("normlab::row_norm_backward", mutates_args=(), device_types="cpu")
-def row_norm_backward(
+def _row_norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -104,24 +103,24 @@ def row_norm_backward(
     return dx, dweight, dbias
 
 
-@row_norm.register_fake
-def _(x, weight, bias, eps, center):
+def _fake_stats(x):
+    return x.new_empty(x.shape[0], dtype=torch.float64)
+
+
+def _fake_row_norm(x, weight, bias, eps, center):
     return torch.empty_like(x), _fake_stats(x), _fake_stats(x)
 
 
-@add_row_norm.register_fake
-def _(x, residual, weight, bias, eps, center):
+def _fake_add_row_norm(x, residual, weight, bias, eps, center):
     return torch.empty_like(x), torch.empty_like(x), _fake_stats(x), _fake_stats(x)
 
 
-@row_norm_backward.register_fake
-def _(dy, x, weight, mean, rstd, center, extra):
+def _fake_backward(dy, x, weight, mean, rstd, center, extra):
     n = x.shape[1]
     return torch.empty_like(x), x.new_empty(n), x.new_empty(n)
 
 
-def _fake_stats(x):
-    return x.new_empty(x.shape[0], dtype=torch.float64)
+row_norm_backward = backward_op("row_norm_backward", _row_norm_backward, _fake_backward)
 
 
 def _composite_forward(eps, center):
@@ -132,15 +131,13 @@ def _composite_forward(eps, center):
     return forward
 
 
-def _gradients(ctx, dy, x, extra):
-    weight, bias, mean, rstd = ctx.weight_bias_stats
-    dx, dweight, dbias = row_norm_backward(
-        dy.contiguous(), x, weight, mean, rstd, ctx.center, extra
-    )
+def _gradients(ctx, dy, x, extra, weight, bias, mean, rstd, needs_weight, needs_bias):
+    backward = row_norm_backward if ctx.traced else _row_norm_backward
+    dx, dweight, dbias = backward(dy.contiguous(), x, weight, mean, rstd, ctx.center, extra)
     return (
         dx,
-        dweight if weight is not None and ctx.needs_input_grad[-4] else None,
-        dbias if bias is not None and ctx.needs_input_grad[-3] else None,
+        dweight if weight is not None and needs_weight else None,
+        dbias if bias is not None and needs_bias else None,
     )
 
 
@@ -158,8 +155,9 @@ def _backward(ctx, dy, _dmean, _drstd):
             ctx, dy, _composite_forward(ctx.eps, ctx.center), (x, weight, bias)
         )
         return (*grads, None, None)
-    ctx.weight_bias_stats = (weight, bias, mean, rstd)
-    return (*_gradients(ctx, dy, x, None), None, None)
+    needs = ctx.needs_input_grad
+    grads = _gradients(ctx, dy, x, None, weight, bias, mean, rstd, needs[1], needs[2])
+    return (*grads, None, None)
 
 
 def _add_setup(ctx, inputs, output):
@@ -183,11 +181,15 @@ def _add_backward(ctx, dy, dtotal, _dmean, _drstd):
             ctx, torch.ones((), dtype=dy.dtype), forward, (x, residual, weight, bias)
         )
         return (*grads, None, None)
-    ctx.weight_bias_stats = (weight, bias, mean, rstd)
     dtotal = None if dtotal is None else dtotal.contiguous()
-    dx, dweight, dbias = _gradients(ctx, dy, total, dtotal)
+    needs = ctx.needs_input_grad
+    dx, dweight, dbias = _gradients(
+        ctx, dy, total, dtotal, weight, bias, mean, rstd, needs[2], needs[3]
+    )
     return dx, dx, dweight, dbias, None, None
 
 
-row_norm.register_autograd(_backward, setup_context=_setup)
-add_row_norm.register_autograd(_add_backward, setup_context=_add_setup)
+row_norm = fused_op("row_norm", _row_norm, _fake_row_norm, _setup, _backward)
+add_row_norm = fused_op(
+    "add_row_norm", _add_row_norm, _fake_add_row_norm, _add_setup, _add_backward, 2
+)
