@@ -10,6 +10,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from normlab.kernels import power_norm as kernel
+from normlab.ops import dispatch
+from normlab.ops.fused_common import array, launch, mask_array
 
 
 class _PowerNormApprox(torch.autograd.Function):
@@ -18,6 +20,11 @@ class _PowerNormApprox(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, phi, mask)
         ctx.nu = nu  # the buffer the backward updates
         ctx.config = (reduction_dims, eps, alpha_bkw)
+        ctx.plan = dispatch.choose(x, weight, bias, reduction_dims, True, phi, phi, mask)
+        if ctx.plan is not None and ctx.plan.layout != "channels":
+            ctx.plan = None
+        if ctx.plan is not None:
+            return _numba_forward(ctx.plan, x, weight, bias, phi, eps)
         return kernel.power_norm_forward(x, weight, bias, phi, eps)
 
     @staticmethod
@@ -26,6 +33,19 @@ class _PowerNormApprox(torch.autograd.Function):
         x, weight, bias, phi, mask = ctx.saved_tensors
         reduction_dims, eps, alpha_bkw = ctx.config
         nu = ctx.nu
+        if ctx.plan is not None:
+            dx, dweight, dbias, new_nu = _numba_backward(
+                ctx.plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask
+            )
+            with torch.no_grad():
+                nu.copy_(new_nu.reshape(nu.shape).to(nu.dtype))
+            needs = ctx.needs_input_grad
+            return (
+                dx if needs[0] else None,
+                dweight if needs[1] else None,
+                dbias if needs[2] else None,
+                *(None,) * 6,
+            )
         dx, dweight, dbias, new_nu = kernel.power_norm_backward(
             dy,
             x,
@@ -42,6 +62,56 @@ class _PowerNormApprox(torch.autograd.Function):
         with torch.no_grad():
             nu.copy_(new_nu.reshape(nu.shape))
         return dx, dweight, dbias, None, None, None, None, None, None
+
+
+def _rstd(phi, eps):
+    return torch.rsqrt(phi.reshape(-1).double() + eps)
+
+
+def _numba_forward(plan, x, weight, bias, phi, eps):
+    """y = x * scale + shift on the channels kernel, scale = weight * rstd, shift = bias."""
+    from normlab.kernels.cpu import channels
+
+    c = plan.view[1]
+    scale = _rstd(phi, eps)
+    if weight is not None:
+        scale = scale * weight.reshape(-1).double()
+    shift = torch.zeros(c, dtype=torch.float64) if bias is None else bias.reshape(-1).double()
+    y = torch.empty_like(x)
+    view = x.reshape(plan.view)
+    launch(
+        channels.channel_apply, array(view), array(scale), array(shift), array(y.view(plan.view))
+    )
+    return y
+
+
+def _numba_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask):
+    """The one-pass kernel; returns (dx, dweight, dbias, new_nu)."""
+    from normlab.kernels.cpu import power_norm as cpu_kernel
+
+    c = plan.view[1]
+    rstd = _rstd(phi, eps)
+    w = torch.ones(c, dtype=torch.float64) if weight is None else weight.reshape(-1).double()
+    m = plan.kernel_mask(x, mask)
+    dx = torch.empty_like(x)
+    sums = torch.empty(4, c, dtype=torch.float64)
+    launch(
+        cpu_kernel.power_norm_backward,
+        array(dy.contiguous().reshape(plan.view)),
+        array(x.reshape(plan.view)),
+        array(rstd),
+        array(w),
+        array(nu.reshape(-1).double()),
+        mask_array(m),
+        array(dx.view(plan.view)),
+        array(sums),
+    )
+    count = plan.view[0] * plan.view[2] if m is None else int(m.sum())
+    gamma, lam = sums[2] / count, sums[3] / count
+    new_nu = nu.reshape(-1).double() * (1 - (1 - alpha_bkw) * gamma) + (1 - alpha_bkw) * lam
+    dweight = None if weight is None else sums[0].to(weight.dtype).reshape(weight.shape)
+    dbias = None if bias is None else sums[1].to(bias.dtype).reshape(bias.shape)
+    return dx, dweight, dbias, new_nu
 
 
 def power_norm_approx(x, weight, bias, phi, nu, reduction_dims, eps, alpha_bkw, mask=None):
