@@ -430,6 +430,34 @@ def test_the_first_kernel_call_keeps_the_users_torch_thread_count():
     assert out.stdout.strip() == "1"
 
 
+def test_cache_dir_falls_back_when_the_package_is_read_only(monkeypatch, tmp_path):
+    """A read-only install (and a read-only home) must not make the first call fail: the
+    cache goes to the user's cache directory, else the temporary directory."""
+    from pathlib import Path
+
+    from normlab.kernels.cpu import runtime
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    writable = {"package": False, "user": True}
+
+    def fake_writable(path: Path) -> bool:
+        if "__pycache__" in str(path):
+            return writable["package"]
+        if str(path).startswith(str(tmp_path)):
+            return writable["user"]
+        return True  # the temporary directory
+
+    monkeypatch.setattr(runtime, "_writable", fake_writable)
+    assert runtime._choose_cache_dir() == str(tmp_path / "cache" / "normlab" / "numba")
+    writable["user"] = False
+    assert "normlab-numba-" in runtime._choose_cache_dir()
+    writable["package"] = True
+    assert runtime._choose_cache_dir() is None  # Numba's own place, next to the source
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert runtime._choose_cache_dir() is None  # the user's choice stands
+
+
 # --- custom ops, autograd, compile ----------------------------------------------------------
 
 
