@@ -7,8 +7,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-import torch
 
+import kernel_data
 from normlab.kernels.cpu.groups import group_norm_backward, group_norm_forward
 from normlab.reference import (
     group_norm,
@@ -18,7 +18,7 @@ from normlab.reference import (
 from normlab.reference import (
     group_norm_backward as reference_backward,
 )
-from tolerances import grad_tol, tol
+from tolerances import np_grad_tol, np_tol
 
 DTYPES = [np.float32, np.float64]
 SHAPES = [(1, 1, 1), (3, 6, 7), (2, 8, 1), (2, 4, 33), (4, 6, 260)]
@@ -28,25 +28,20 @@ NO_MASK = np.zeros((0, 0), np.uint8)
 
 
 def _tol(dtype):
-    return tol(torch.from_numpy(np.empty(0, dtype)).dtype)
+    return np_tol(dtype)
 
 
 def _grad_tol(dtype):
-    return grad_tol(torch.from_numpy(np.empty(0, dtype)).dtype)
+    return np_grad_tol(dtype)
 
 
 def _rng(*key):
-    return np.random.default_rng(list(key))
+    return kernel_data.rng(*key)
 
 
 def _inputs(rng, shape, dtype):
     """x, weight, bias, dy in ``dtype`` (weight not ones, bias not zero)."""
-    channels = shape[1]
-    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
-    weight = (1 + 0.5 * rng.standard_normal(channels)).astype(dtype)
-    bias = rng.standard_normal(channels).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    return x, weight, bias, dy
+    return kernel_data.inputs(rng, shape, dtype, shape[1])
 
 
 def _mask(rng, batch, positions):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-import torch
 
+import kernel_data
 from normlab.axes import feature_norm_axes
 from normlab.kernels.cpu.rows import add_row_norm_forward, row_norm_backward, row_norm_forward
 from normlab.reference import normalize, normalize_backward, statistics
-from tolerances import grad_tol, tol
+from tolerances import np_grad_tol, np_tol
 
 DTYPES = [np.float32, np.float64]
 SHAPES = [(r, n) for r in (1, 3, 37) for n in (1, 7, 769, 4097)]
@@ -19,25 +19,20 @@ EPS = 1e-5
 
 
 def _tol(dtype):
-    return tol(torch.from_numpy(np.empty(0, dtype)).dtype)
+    return np_tol(dtype)
 
 
 def _grad_tol(dtype):
-    return grad_tol(torch.from_numpy(np.empty(0, dtype)).dtype)
+    return np_grad_tol(dtype)
 
 
 def _rng(*key):
-    return np.random.default_rng(list(key))
+    return kernel_data.rng(*key)
 
 
 def _inputs(rng, shape, dtype):
     """x, weight, bias, dy in ``dtype`` (weight not ones, bias not zero)."""
-    n = shape[1]
-    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
-    weight = (1 + 0.5 * rng.standard_normal(n)).astype(dtype)
-    bias = rng.standard_normal(n).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    return x, weight, bias, dy
+    return kernel_data.inputs(rng, shape, dtype, shape[1])
 
 
 def _forward(x, weight, bias, center, eps=EPS):

@@ -4,6 +4,7 @@ float32/float64 compare the output to the reference computed from the same input
 half types are looser because the *output* is rounded to 8 (bf16) or 11 (fp16) bits.
 """
 
+import numpy as np
 import torch
 
 TOLERANCES = {
@@ -28,3 +29,16 @@ def tol(dtype: torch.dtype) -> dict:
 
 def grad_tol(dtype: torch.dtype) -> dict:
     return GRAD_TOLERANCES[dtype]
+
+
+def _torch_dtype(numpy_dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, numpy_dtype)).dtype
+
+
+def np_tol(numpy_dtype) -> dict:
+    """``tol`` for a NumPy dtype (the kernel tests work on NumPy arrays)."""
+    return tol(_torch_dtype(numpy_dtype))
+
+
+def np_grad_tol(numpy_dtype) -> dict:
+    return grad_tol(_torch_dtype(numpy_dtype))
