@@ -185,3 +185,44 @@ def test_affine_false_and_no_bias():
     model.append(nn.BatchNorm1d(3, affine=False))
     folded, summary = check(model, torch.randn(2, 2, 5))
     assert bns(folded) == [] and len(summary.folded) == 2
+
+
+class SkipSequential(nn.Sequential):
+    """A Sequential subclass whose forward is not a chain: must not be folded as one."""
+
+    def forward(self, x):
+        return self[1](self[0](x)) + self[0](x)
+
+
+def test_sequential_root_with_custom_blocks_is_traced():
+    model = nn.Sequential(Residual(), nn.Linear(3, 3), nn.BatchNorm1d(3))
+    folded, summary = check(model, torch.randn(2, 4, 6, 6))
+    assert summary.traced and isinstance(folded, fx.GraphModule)
+    assert ("2", "1") in summary.folded and bns(folded) == ["0.bn"]
+
+    model = nn.Sequential(SkipSequential(nn.Conv1d(2, 2, 1), nn.BatchNorm1d(2)))
+    folded, summary = check(model, torch.randn(3, 2, 4))
+    assert summary.traced and summary.folded == []
+    assert "'0.0' is called 2 times" in dict(summary.skipped)["0.1"]
+
+
+def test_shared_layer_is_not_folded():
+    conv = nn.Conv1d(2, 2, 1)
+    model = nn.Sequential(conv, nn.BatchNorm1d(2), conv, nn.BatchNorm1d(2))
+    folded, summary = check(model, torch.randn(3, 2, 4))
+    assert summary.folded == [] and len(summary.skipped) == 2 and len(bns(folded)) == 2
+    assert "more than once" in summary.skipped[0][1]
+    assert "folded 0" in str(summary)
+
+
+def test_untraceable_model_raises():
+    class Dynamic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.bn = nn.Linear(2, 2), nn.BatchNorm1d(2)
+
+        def forward(self, x):
+            return self.bn(self.lin(x)) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="cannot trace Dynamic"):
+        fold_batchnorm(Dynamic().eval())

@@ -102,7 +102,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Modul
     if not inplace:
         model = copy.deepcopy(model)
     counts = _registration_counts(model)
-    if isinstance(model, nn.Sequential) and _all_bns_in_sequentials(model):
+    if _is_plain_sequential(model) and _all_bns_in_sequentials(model):
         return model, _fold_sequential(model, counts)
     return _fold_traced(model, counts, original if inplace else None)
 
@@ -117,6 +117,11 @@ def _registration_counts(model: nn.Module) -> dict[int, int]:
     return counts
 
 
+def _is_plain_sequential(m: nn.Module) -> bool:
+    """An nn.Sequential (or subclass) that runs its children in order: forward not overridden."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
 def _all_bns_in_sequentials(model: nn.Sequential) -> bool:
     """True when every BatchNorm is reached from the root through Sequentials only."""
     reachable: set[int] = set()
@@ -125,7 +130,7 @@ def _all_bns_in_sequentials(model: nn.Sequential) -> bool:
         seq = stack.pop()
         for child in seq.children():
             reachable.add(id(child))
-            if isinstance(child, nn.Sequential):
+            if _is_plain_sequential(child):
                 stack.append(child)
     return all(id(m) in reachable for m in model.modules() if isinstance(m, _BN_TYPES))
 
@@ -137,7 +142,7 @@ def _flatten(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module, nn.M
         if child is None:
             continue
         name = f"{prefix}{key}"
-        if isinstance(child, nn.Sequential):
+        if _is_plain_sequential(child):
             out += _flatten(child, name + ".")
         else:
             out.append((name, child, seq, key))
@@ -177,6 +182,8 @@ def _channel_problem(layer: nn.Module, bn: nn.Module) -> str | None:
 
 
 def _bn_problem(bn: nn.Module) -> str | None:
+    if nn.parameter.is_lazy(bn.running_mean) or nn.parameter.is_lazy(bn.weight):
+        return "the BatchNorm's parameters are not initialized (lazy module)"
     if bn.running_mean is None or bn.running_var is None:
         return (
             "no running statistics (track_running_stats=False): it normalizes with batch "
