@@ -275,6 +275,36 @@ def test_lookalike_norms_converted_or_reported():
     assert isinstance(model.llama, FakeLlamaRMSNorm)  # strict failure leaves the model
 
 
+class FakeMatrixNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3, 3))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+class FakeBrokenNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        raise RuntimeError("needs a mask")
+
+
+def test_lookalikes_that_cannot_be_probed_are_reported():
+    model = nn.Sequential(FakeMatrixNorm(), FakeBrokenNorm(), nn.Linear(3, 3))
+    converted, summary = convert(model)
+    reasons = [e.reason for e in summary]
+    assert len(reasons) == 2 and not summary.converted
+    assert "not a 1-D parameter" in reasons[0]
+    assert "forward failed" in reasons[1] and "needs a mask" in reasons[1]
+    assert type(converted[0]) is FakeMatrixNorm and type(converted[1]) is FakeBrokenNorm
+
+
 def test_lookalike_float64_and_backward():
     model = _randomize(nn.Sequential(FakeLlamaRMSNorm(8), nn.Linear(8, 2))).double()
     converted, _ = convert(model)
@@ -335,3 +365,13 @@ def test_summary_is_readable():
     )
     _, root = convert(nn.GroupNorm(1, 2))
     assert str(root.entries[0]) == "(model): torch.nn.GroupNorm -> normlab.GroupNorm"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls", [FakeLlamaRMSNorm, FakeT5LayerNorm])
+def test_half_precision_lookalikes(cls, dtype):
+    model = _randomize(cls(64)).to(dtype)
+    converted, _ = convert(model)
+    assert isinstance(converted, normlab.RMSNorm) and converted.weight.dtype == dtype
+    x = torch.randn(4, 64).to(dtype)
+    torch.testing.assert_close(converted(x), model(x), **tol(dtype))

@@ -367,17 +367,17 @@ def _convert_lookalike(name: str, module: nn.Module, fold_offset: bool):
 def _probe(module: nn.Module, eps: float, has_bias: bool) -> str | None:
     """Which computation ``module`` performs: "rms_norm", "layer_norm", "offset" (RMSNorm
     with 1 + weight), None (none of them) or "error: ..." (its forward raised)."""
-    probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float32)
-    hidden = probe.weight.numel()
+    hidden = module.weight.numel()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(_PROBE_ROWS, hidden, generator=gen) + 0.5  # not centred: LN != RMS
     w = torch.rand(hidden, generator=gen) + 0.5
     b = torch.randn(hidden, generator=gen) if has_bias else None
     with torch.no_grad():
-        probe.weight.copy_(w)
-        if has_bias:
-            probe.bias.copy_(b)
-        try:
+        try:  # on a float32 CPU copy with random weight (and bias): the model is not touched
+            probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float32)
+            probe.weight.copy_(w)
+            if has_bias:
+                probe.bias.copy_(b)
             out = probe(x.clone())
         except Exception as error:  # any failure means "not a norm we can take"
             return f"error: {type(error).__name__}: {error}"
