@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import normlab
-from normlab.convert import ConversionSummary, convert
+from normlab.conversion import ConversionSummary, convert
 from tolerances import grad_tol, tol
 
 # (torch module factory, input shape)

@@ -5,6 +5,8 @@ float64 NumPy reference (``normlab.reference``) that every backend is tested aga
 """
 
 from normlab import distributed, functional, masks, reference
+from normlab.conversion import convert
+from normlab.fold import fold_batchnorm
 from normlab.masks import lengths_to_mask
 from normlab.modules import (
     BatchNorm,
@@ -46,7 +48,9 @@ __all__ = [
     "RMSNorm",
     "SyncBatchNorm",
     "__version__",
+    "convert",
     "distributed",
+    "fold_batchnorm",
     "functional",
     "lengths_to_mask",
     "masks",
