@@ -152,6 +152,42 @@ def test_compile_fullgraph_every_layer_matches_eager():
     assert int(eager_model.bn_masked.num_batches_tracked) == 2
 
 
+def test_compile_fullgraph_power_norm_during_warmup_matches_eager():
+    """The functional in warmup (batch statistics, composite) traces in one graph."""
+    x = torch.randn(4, 8, 6)
+    state = {}
+    for mode in ("eager", "compiled"):
+        weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        bias = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+        phi, nu = torch.ones(6), torch.zeros(6)
+
+        def f(x, weight=weight, bias=bias, phi=phi, nu=nu):
+            return F.power_norm(x, phi, nu, weight, bias, True, 0.5, 0.9, 1e-5, warmup=True)
+
+        if mode == "compiled":
+            torch._dynamo.reset()
+            f = torch.compile(f, backend="aot_eager", fullgraph=True)
+        y = f(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        state[mode] = (y.detach(), weight.grad, bias.grad, phi.clone())
+    for e, c in zip(state["eager"], state["compiled"], strict=True):
+        torch.testing.assert_close(c, e, **grad_tol(torch.float32))
+    assert not torch.equal(state["eager"][3], torch.ones(6))
+
+
+@pytest.mark.parametrize("warmup_iters", [0, 10000], ids=["after_warmup", "in_warmup"])
+def test_compile_power_norm_module_training_matches_eager(warmup_iters):
+    """PowerNorm in training is not fullgraph (see the module's step counter), but compiled
+    with graph breaks it gives the eager outputs, gradients and buffers."""
+    model = _randomise(torch.nn.Sequential(normlab.PowerNorm(6, warmup_iters=warmup_iters)))
+    compiled_model = copy.deepcopy(model)
+    x = torch.randn(4, 8, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    _assert_same_run(model, compiled_model, _run(model, (x,), 3), _run(compiled, (x,), 3))
+    assert int(compiled_model[0].num_batches_tracked) == 3
+
+
 def test_compile_fullgraph_graph_holds_the_custom_ops():
     graphs = []
 
