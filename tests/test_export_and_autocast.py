@@ -152,6 +152,16 @@ def test_compile_fullgraph_every_layer_matches_eager():
     assert int(eager_model.bn_masked.num_batches_tracked) == 2
 
 
+def test_compile_inductor_fullgraph_every_layer_matches_eager():
+    inputs = _inputs()
+    eager_model = _randomise(EveryNorm())
+    compiled_model = copy.deepcopy(eager_model)
+    run_eager = _run(eager_model, inputs)
+    torch._dynamo.reset()
+    run_compiled = _run(torch.compile(compiled_model, fullgraph=True), inputs)
+    _assert_same_run(eager_model, compiled_model, run_eager, run_compiled)
+
+
 def test_compile_fullgraph_power_norm_during_warmup_matches_eager():
     """The functional in warmup (batch statistics, composite) traces in one graph."""
     x = torch.randn(4, 8, 6)
