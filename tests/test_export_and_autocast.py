@@ -60,6 +60,37 @@ def test_export_gives_the_eager_numbers_and_holds_the_custom_ops(name):
     torch.testing.assert_close(ep.module()(other), module(other), **tol(torch.float32))
 
 
+MASKED_EXPORT_CASES = {
+    "BatchNorm1d_train_lengths": (lambda: normlab.BatchNorm1d(8), "lengths"),
+    "GroupNorm_mask": (lambda: normlab.GroupNorm(2, 8), "mask"),
+    "InstanceNorm1d_lengths": (lambda: normlab.InstanceNorm1d(8), "lengths"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_EXPORT_CASES))
+def test_export_masked_norms_gives_the_eager_numbers(name):
+    make, keyword = MASKED_EXPORT_CASES[name]
+    module = make()
+    twin = copy.deepcopy(module)
+    x = torch.randn(4, 8, 6)
+    lengths = torch.tensor([6, 5, 4, 3])
+    kwargs = {keyword: lengths if keyword == "lengths" else normlab.lengths_to_mask(lengths, 6)}
+    ep = torch.export.export(module, (x,), kwargs)
+    assert _normlab_targets(ep.graph_module)
+    torch.testing.assert_close(ep.module()(x, **kwargs), twin(x, **kwargs), **tol(torch.float32))
+
+
+def test_export_with_a_dynamic_batch_size():
+    module = _with_stats(normlab.LayerNorm(6))
+    ep = torch.export.export(
+        module, (torch.randn(4, 5, 6),), dynamic_shapes={"input": {0: torch.export.Dim("b")}}
+    )
+    assert _normlab_targets(ep.graph_module)
+    for batch in (2, 7):
+        x = torch.randn(batch, 5, 6)
+        torch.testing.assert_close(ep.module()(x), module(x), **tol(torch.float32))
+
+
 # ---------------------------------------------------------------------------- compile
 
 
