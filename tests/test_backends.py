@@ -614,3 +614,29 @@ def test_kernel_output_agrees_with_torch_nn():
     with backends.use("numba"):
         y = NF.layer_norm(x, (769,))
     torch.testing.assert_close(y, TF.layer_norm(x, (769,)), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["numba", "composite"])
+def test_power_norm_after_warmup_under_torch_compile_equals_eager(backend):
+    """The approximate backward updates nu in place: under torch.compile it runs eagerly (a
+    graph break, ``torch.compiler.disable``), since a traced version gave other numbers."""
+    x = torch.randn(4, 8, 6)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(1)  # the same buffers and parameters for both runs
+        phi, nu = torch.rand(6) + 0.5, torch.zeros(6)
+        w = torch.randn(6, requires_grad=True)
+        b = torch.randn(6, requires_grad=True)
+
+        def step(x, phi=phi, nu=nu, w=w, b=b):
+            return NF.power_norm(x, phi, nu, w, b, True, 0.1, 0.9, 1e-5, dim=-1, warmup=False)
+
+        fn = torch.compile(step, backend="aot_eager") if compiled else step
+        with backends.use(backend):
+            for _ in range(2):
+                y = fn(x)
+                y.backward(torch.ones_like(y))
+        results.append((y.detach(), w.grad, b.grad, phi, nu))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, **grad_tol(torch.float32))

@@ -108,7 +108,7 @@ def normalize_backward(
 def reduced_count(shape, reduction_dims, mask, dtype):
     """Elements per statistic: a number without a mask, a keepdim tensor with one."""
     if mask is None:
-        return math.prod(shape[d] for d in reduction_dims)
+        return math.prod([shape[d] for d in reduction_dims])
     return mask_count(mask, shape, reduction_dims).to(dtype)
 
 

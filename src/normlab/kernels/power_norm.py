@@ -43,7 +43,7 @@ def power_norm_backward(
     nu = nu.to(acc)
 
     if mask is None:
-        count = math.prod(x.shape[d] for d in reduction_dims)
+        count = math.prod([x.shape[d] for d in reduction_dims])
     else:
         count = mask_count(mask, x.shape, reduction_dims).to(acc)
 

@@ -114,6 +114,10 @@ def _numba_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask):
     return dx, dweight, dbias, new_nu
 
 
+# Under torch.compile this op stays eager (a graph break): its backward updates the nu buffer
+# in place, and a traced version (aot_eager, torch 2.13) gave different gradients and nu
+# than eager; correctness first.
+@torch.compiler.disable
 def power_norm_approx(x, weight, bias, phi, nu, reduction_dims, eps, alpha_bkw, mask=None):
     """y = weight * x / sqrt(phi + eps) + bias with PowerNorm's approximate backward.
 
