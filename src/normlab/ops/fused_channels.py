@@ -9,6 +9,7 @@ from normlab.kernels import composite
 from normlab.ops.fused_common import (
     array,
     backward_op,
+    cpu_kernel,
     differentiable_backward,
     fused_op,
     launch,
@@ -16,12 +17,6 @@ from normlab.ops.fused_common import (
     param,
     stats,
 )
-
-
-def _channels():
-    from normlab.kernels.cpu import channels
-
-    return channels
 
 
 def _apply(x, weight, bias, mean, rstd) -> torch.Tensor:
@@ -33,7 +28,7 @@ def _apply(x, weight, bias, mean, rstd) -> torch.Tensor:
     if bias is not None:
         shift = shift + bias.reshape(c).double()
     y = torch.empty_like(x)
-    launch(_channels().channel_apply, array(x), array(scale), array(shift), array(y))
+    launch(cpu_kernel("channels", "channel_apply"), array(x), array(scale), array(shift), array(y))
     return y
 
 
@@ -49,7 +44,7 @@ def _batch_norm_train(
     c = x.shape[1]
     mean, var, count = stats(c, x), stats(c, x), stats(1, x)
     launch(
-        _channels().channel_statistics,
+        cpu_kernel("channels", "channel_statistics"),
         array(x),
         mask_array(mask),
         array(mean),
@@ -87,7 +82,7 @@ def _batch_norm_backward(
     c = x.shape[1]
     dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
     launch(
-        _channels().channel_backward,
+        cpu_kernel("channels", "channel_backward"),
         array(dy),
         array(x),
         array(mean),
