@@ -9,7 +9,6 @@ from normlab.kernels import composite
 from normlab.ops.fused_common import (
     array,
     backward_op,
-    cpu_kernel,
     differentiable_backward,
     fused_op,
     launch,
@@ -17,6 +16,12 @@ from normlab.ops.fused_common import (
     param,
     stats,
 )
+
+
+def _channels():
+    from normlab.kernels.cpu import channels
+
+    return channels
 
 
 def _apply(x, weight, bias, mean, rstd) -> torch.Tensor:
@@ -28,7 +33,7 @@ def _apply(x, weight, bias, mean, rstd) -> torch.Tensor:
     if bias is not None:
         shift = shift + bias.reshape(c).double()
     y = torch.empty_like(x)
-    launch(cpu_kernel("channels", "channel_apply"), array(x), array(scale), array(shift), array(y))
+    launch(_channels().channel_apply, array(x), array(scale), array(shift), array(y))
     return y
 
 
@@ -44,7 +49,7 @@ def _batch_norm_train(
     c = x.shape[1]
     mean, var, count = stats(c, x), stats(c, x), stats(1, x)
     launch(
-        cpu_kernel("channels", "channel_statistics"),
+        _channels().channel_statistics,
         array(x),
         mask_array(mask),
         array(mean),
@@ -82,7 +87,7 @@ def _batch_norm_backward(
     c = x.shape[1]
     dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
     launch(
-        cpu_kernel("channels", "channel_backward"),
+        _channels().channel_backward,
         array(dy),
         array(x),
         array(mean),

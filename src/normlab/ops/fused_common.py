@@ -3,8 +3,6 @@ parameters, and the double-differentiable fallback of their backward."""
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import torch
 
@@ -31,12 +29,6 @@ def stats(shape, x: torch.Tensor) -> torch.Tensor:
     """Statistics are kept in float64 whatever the input dtype: the saved mean of a float32
     input with a large offset (1e4 + 1e-3 noise) would otherwise lose the noise."""
     return torch.empty(shape, dtype=torch.float64, device=x.device)
-
-
-def cpu_kernel(family: str, name: str):
-    """Kernel ``name`` of ``normlab.kernels.cpu.<family>``, imported at its first use (so
-    ``import normlab`` does not load Numba)."""
-    return getattr(importlib.import_module(f"normlab.kernels.cpu.{family}"), name)
 
 
 def launch(kernel, *args) -> None:

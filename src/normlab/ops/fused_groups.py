@@ -8,7 +8,6 @@ from normlab.kernels import composite
 from normlab.ops.fused_common import (
     array,
     backward_op,
-    cpu_kernel,
     differentiable_backward,
     fused_op,
     launch,
@@ -16,6 +15,12 @@ from normlab.ops.fused_common import (
     param,
     stats,
 )
+
+
+def _groups():
+    from normlab.kernels.cpu import groups
+
+    return groups
 
 
 def _group_norm(
@@ -31,7 +36,7 @@ def _group_norm(
     y = torch.empty_like(x)
     mean, var, rstd = (stats((n, groups), x) for _ in range(3))
     launch(
-        cpu_kernel("groups", "group_norm_forward"),
+        _groups().group_norm_forward,
         array(x),
         param(weight, c, 1.0, x),
         param(bias, c, 0.0, x),
@@ -58,7 +63,7 @@ def _group_norm_backward(
     c = x.shape[1]
     dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
     launch(
-        cpu_kernel("groups", "group_norm_backward"),
+        _groups().group_norm_backward,
         array(dy),
         array(x),
         param(weight, c, 1.0, x),

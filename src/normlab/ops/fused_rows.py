@@ -8,13 +8,18 @@ from normlab.kernels import composite
 from normlab.ops.fused_common import (
     array,
     backward_op,
-    cpu_kernel,
     differentiable_backward,
     fused_op,
     launch,
     param,
     stats,
 )
+
+
+def _rows():
+    from normlab.kernels.cpu import rows
+
+    return rows
 
 
 def _row_norm(
@@ -28,7 +33,7 @@ def _row_norm(
     n_rows, n = x.shape
     y, mean, rstd = torch.empty_like(x), stats(n_rows, x), stats(n_rows, x)
     launch(
-        cpu_kernel("rows", "row_norm_forward"),
+        _rows().row_norm_forward,
         array(x),
         param(weight, n, 1.0, x),
         param(bias, n, 0.0, x),
@@ -54,7 +59,7 @@ def _add_row_norm(
     y, total = torch.empty_like(x), torch.empty_like(x)
     mean, rstd = stats(n_rows, x), stats(n_rows, x)
     launch(
-        cpu_kernel("rows", "add_row_norm_forward"),
+        _rows().add_row_norm_forward,
         array(x),
         array(residual),
         param(weight, n, 1.0, x),
@@ -83,7 +88,7 @@ def _row_norm_backward(
     dx, dweight, dbias = torch.empty_like(x), x.new_empty(n), x.new_empty(n)
     extra_array = array(extra) if extra is not None else array(x.new_empty((0, n)))
     launch(
-        cpu_kernel("rows", "row_norm_backward"),
+        _rows().row_norm_backward,
         array(dy),
         array(x),
         param(weight, n, 1.0, x),

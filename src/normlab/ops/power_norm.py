@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from normlab.kernels import power_norm as kernel
 from normlab.ops import dispatch
-from normlab.ops.fused_common import array, cpu_kernel, launch, mask_array
+from normlab.ops.fused_common import array, launch, mask_array
 
 
 class _PowerNormApprox(torch.autograd.Function):
@@ -70,6 +70,8 @@ def _rstd(phi, eps):
 
 def _numba_forward(plan, x, weight, bias, phi, eps):
     """y = x * scale + shift on the channels kernel, scale = weight * rstd, shift = bias."""
+    from normlab.kernels.cpu import channels
+
     c = plan.view[1]
     scale = _rstd(phi, eps)
     if weight is not None:
@@ -78,17 +80,15 @@ def _numba_forward(plan, x, weight, bias, phi, eps):
     y = torch.empty_like(x)
     view = x.reshape(plan.view)
     launch(
-        cpu_kernel("channels", "channel_apply"),
-        array(view),
-        array(scale),
-        array(shift),
-        array(y.view(plan.view)),
+        channels.channel_apply, array(view), array(scale), array(shift), array(y.view(plan.view))
     )
     return y
 
 
 def _numba_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask):
     """The one-pass kernel; returns (dx, dweight, dbias, new_nu)."""
+    from normlab.kernels.cpu import power_norm as cpu_kernel
+
     c = plan.view[1]
     rstd = _rstd(phi, eps)
     w = torch.ones(c, dtype=torch.float64) if weight is None else weight.reshape(-1).double()
@@ -96,7 +96,7 @@ def _numba_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask):
     dx = torch.empty_like(x)
     sums = torch.empty(4, c, dtype=torch.float64)
     launch(
-        cpu_kernel("power_norm", "power_norm_backward"),
+        cpu_kernel.power_norm_backward,
         array(dy.contiguous().reshape(plan.view)),
         array(x.reshape(plan.view)),
         array(rstd),
