@@ -1,0 +1,1 @@
+"""Triton kernels for CUDA tensors: the GPU counterparts of kernels/cpu, one file per layout."""
