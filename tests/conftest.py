@@ -1,8 +1,17 @@
+"""Shared test setup: every test starts from seed 0 on its backend; some modules run on two
+backends. Without a CUDA device, TRITON_INTERPRET=1 is set here, before anything imports
+Triton (it reads the variable when its kernels are defined), so that the Triton kernels run
+on CPU tensors in Triton's interpreter and their tests (test_triton_*.py) run in CI."""
+
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import tolerances.py and helpers
 

@@ -3,16 +3,23 @@
 - ``"numba"``: the fused CPU kernels (``normlab.kernels.cpu``), registered as torch custom
   ops. They take contiguous float32/float64 CPU tensors in the layouts they were written
   for (see ``normlab.ops.dispatch``).
+- ``"triton"``: the fused GPU kernels (``normlab.kernels.gpu``, the optional extra
+  ``normlab[gpu]``), behind the same custom ops. They take contiguous float32, float16 and
+  bfloat16 CUDA tensors in the same layouts (float64 runs the composite: the kernels
+  accumulate in float32). On CPU tensors "triton" can be forced only when
+  ``TRITON_INTERPRET=1`` was set before Triton was imported: Triton's interpreter then runs
+  the kernels, slowly, which is how they are tested without a GPU.
 - ``"composite"``: plain torch operations with normlab's explicit backward; any device,
   dtype and layout.
-- ``"auto"`` (default): ``"numba"`` where it applies and the input has at least
-  ``AUTO_MIN_ELEMENTS`` elements, ``"composite"`` otherwise (below that, the fixed cost of a
-  kernel call, about 60 us more than the composite's, outweighs its speed).
+- ``"auto"`` (default): on CUDA tensors ``"triton"`` where it applies (when installed); on
+  CPU tensors ``"numba"`` where it applies and the input has at least
+  ``AUTO_MIN_ELEMENTS`` elements (below that, the fixed cost of a kernel call, about 60 us
+  more than the composite's, outweighs its speed); ``"composite"`` otherwise.
 
 The environment variable ``NORMLAB_BACKEND`` sets the default for a process (and the
-processes it spawns). Forcing ``"numba"`` on an input it cannot take raises a ValueError
-saying why, instead of silently running something else. ``last_used()`` tells which
-backend ran the most recent normalization (in eager mode; inside ``torch.compile`` the
+processes it spawns). Forcing ``"numba"`` or ``"triton"`` on an input it cannot take raises
+a ValueError saying why, instead of silently running something else. ``last_used()`` tells
+which backend ran the most recent normalization (in eager mode; inside ``torch.compile`` the
 choice is made at trace time).
 """
 
@@ -24,7 +31,7 @@ import os
 import threading
 from collections.abc import Iterator
 
-BACKENDS = ("auto", "numba", "composite")
+BACKENDS = ("auto", "numba", "triton", "composite")
 
 AUTO_MIN_ELEMENTS = 1 << 15
 
@@ -45,7 +52,7 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide default backend: "auto", "numba" or "composite"."""
+    """Set the process-wide default backend: "auto", "numba", "triton" or "composite"."""
     global _default
     _default = _check(name)
 
@@ -62,7 +69,8 @@ def use(name: str) -> Iterator[None]:
 
 
 def last_used() -> str | None:
-    """ "numba" or "composite": the backend of the most recent normalization call."""
+    """ "numba", "triton" or "composite": the backend of the most recent normalization
+    call."""
     return _last["backend"]
 
 
@@ -76,6 +84,13 @@ _NUMBA = importlib.util.find_spec("numba") is not None
 def numba_available() -> bool:
     """True if Numba is installed (the kernels compile at their first call)."""
     return _NUMBA
+
+
+def triton_available() -> bool:
+    """True if Triton is installed (``normlab[gpu]``; the kernels compile at first call)."""
+    from normlab.kernels.gpu import triton_available
+
+    return triton_available()
 
 
 _check(_default)

@@ -1,7 +1,9 @@
 """Choosing the backend of one normalization: which fused kernel family (if any) takes it.
 
 ``normalize`` describes a norm by its reduction axes and the broadcast shapes of its
-parameters, statistics and mask. Three layouts have Numba kernels (``normlab.kernels.cpu``):
+parameters, statistics and mask. Three layouts have Numba kernels (``normlab.kernels.cpu``),
+and those in ``TRITON_LAYOUTS`` Triton kernels (``normlab.kernels.gpu``) behind the same
+custom ops; the layout rules below are the same for both:
 
 - rows: the reduction axes are the trailing axes and the parameters span exactly them
   (LayerNorm, RMSNorm): x is viewed as (rows, features).
@@ -11,21 +13,33 @@ parameters, statistics and mask. Three layouts have Numba kernels (``normlab.ker
 - channels: every axis but one is reduced and the parameters and statistics vary along
   that one (BatchNorm, training or with given statistics): x is viewed as (A, C, B).
 
-Every other case (other devices and dtypes, non-contiguous input, ghost batches,
-channels-first LayerNorm, create_graph...) runs the composite backend. A ``Plan`` says which
-kernel takes the call and how to view x; ``plan`` returns a reason string when none does.
+Numba takes float32/float64 CPU tensors; Triton float32/float16/bfloat16 CUDA tensors, and
+CPU tensors in the interpreter (``TRITON_INTERPRET=1``, backend "triton" forced). Every other
+case (other devices and dtypes, non-contiguous input, ghost batches, channels-first
+LayerNorm, create_graph...) runs the composite backend. A ``Plan`` says which kernel family
+and layout take the call and how to view x; ``plan`` returns a reason string when none does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from normlab import backends
+from normlab.kernels.gpu import interpreting
 
-KERNEL_DTYPES = (torch.float32, torch.float64)
+KERNEL_DTYPES = {
+    "numba": (torch.float32, torch.float64),
+    # float64 is left to the composite: the Triton kernels accumulate in float32.
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+# Layouts whose custom ops have a Triton (CUDA) implementation; a family joins this set
+# when its ops are wired (``fused_common.fused_op(..., cuda_impl=...)``).
+TRITON_LAYOUTS = frozenset({"rows"})
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,7 @@ class Plan:
     groups: int = 1  # groups layout: the number of groups G
     mask_view: tuple[int, ...] | None = None  # the kernel's mask shape, or None
     mask_channel_axes: tuple[int, ...] = ()  # x's axes the mask is broadcast along
+    kernel: str = "numba"  # the kernel family: "numba" | "triton"
 
     def kernel_mask(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The mask as the kernel reads it: uint8, contiguous, ``mask_view``-shaped."""
@@ -115,14 +130,32 @@ def _channels(x, reduction, weight, bias, mean, var, mask, center):
     return Plan("channels", (a, x.shape[c], b), mask_view=mask_view, mask_channel_axes=(c,))
 
 
-def plan(x, weight, bias, reduction, center, mean, var, mask) -> Plan | str:
-    """The Numba kernel plan for this call, or the reason there is none."""
-    if not backends.numba_available():
-        return "numba is not installed"
-    if x.device.type != "cpu":
-        return f"input on {x.device.type}, the Numba kernels run on the CPU"
-    if x.dtype not in KERNEL_DTYPES:
-        return f"input dtype {x.dtype}, the Numba kernels take float32 and float64"
+def _device_reason(x, kernel: str) -> str | None:
+    """Why the ``kernel`` family cannot take x's device or dtype, or None."""
+    if kernel == "numba":
+        if not backends.numba_available():
+            return "numba is not installed"
+        if x.device.type != "cpu":
+            return f"input on {x.device.type}, the Numba kernels run on the CPU"
+    else:
+        if not backends.triton_available():
+            return "triton is not installed (pip install normlab[gpu])"
+        if x.device.type == "cpu" and not interpreting():
+            return "input on cpu, the Triton kernels run on CUDA (or with TRITON_INTERPRET=1)"
+        if x.device.type not in ("cpu", "cuda"):
+            return f"input on {x.device.type}, the Triton kernels run on CUDA"
+    if x.dtype not in KERNEL_DTYPES[kernel]:
+        names = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES[kernel])
+        return f"input dtype {x.dtype}, the {kernel} kernels take {names}"
+    return None
+
+
+def plan(x, weight, bias, reduction, center, mean, var, mask, kernel="numba") -> Plan | str:
+    """The plan of the ``kernel`` family ("numba" or "triton") for this call, or the reason
+    there is none."""
+    reason = _device_reason(x, kernel)
+    if reason is not None:
+        return reason
     if not x.is_contiguous():
         return "input is not contiguous"
     if x.numel() == 0:
@@ -135,31 +168,42 @@ def plan(x, weight, bias, reduction, center, mean, var, mask) -> Plan | str:
     for layout in (_rows, _groups, _channels):
         found = layout(x, reduction, weight, bias, mean, var, mask, center)
         if isinstance(found, Plan):
-            return found
+            if kernel == "triton" and found.layout not in TRITON_LAYOUTS:
+                return f"no Triton kernel for the {found.layout} layout"
+            return dataclasses.replace(found, kernel=kernel)
         reasons.append(found)
     return "; ".join(reasons)
 
 
+def _kernel_family(x, wanted: str) -> str:
+    """The family a backend asks for: "auto" takes Triton for CUDA tensors, Numba else."""
+    if wanted in ("numba", "triton"):
+        return wanted
+    return "triton" if x.device.type == "cuda" else "numba"
+
+
 def choose(x, weight, bias, reduction, center, mean, var, mask) -> Plan | None:
-    """The plan to run with Numba, or None for the composite backend; records the choice.
-    A forced "numba" backend that cannot take the call raises a ValueError with the reason."""
+    """The plan to run with a fused kernel, or None for the composite backend; records the
+    choice. A forced "numba" or "triton" backend that cannot take the call raises a
+    ValueError with the reason."""
     wanted = backends.get_backend()
     if wanted == "composite":
         backends._record("composite")
         return None
-    found = plan(x, weight, bias, tuple(reduction), center, mean, var, mask)
-    if wanted == "auto" and x.numel() < backends.AUTO_MIN_ELEMENTS:
+    kernel = _kernel_family(x, wanted)
+    found = plan(x, weight, bias, tuple(reduction), center, mean, var, mask, kernel)
+    if wanted == "auto" and kernel == "numba" and x.numel() < backends.AUTO_MIN_ELEMENTS:
         found = f"fewer than {backends.AUTO_MIN_ELEMENTS} elements"
     if isinstance(found, str):
-        if wanted == "numba":
+        if wanted != "auto":
             raise ValueError(
-                f"backend 'numba' cannot run this normalization (input {list(x.shape)} "
+                f"backend {wanted!r} cannot run this normalization (input {list(x.shape)} "
                 f"{x.dtype} on {x.device}, reduction axes {tuple(reduction)}): {found}. "
                 "Use normlab.backends.use('auto') to fall back to the composite backend."
             )
         backends._record("composite")
         return None
-    backends._record("numba")
+    backends._record(kernel)
     return found
 
 
@@ -168,10 +212,10 @@ def choose_add(x, residual, weight, bias, reduction, center) -> Plan | None:
     found = choose(x, weight, bias, reduction, center, None, None, None)
     if found is None or (found.layout == "rows" and residual.is_contiguous()):
         return found
-    if backends.get_backend() == "numba":
+    if backends.get_backend() != "auto":
         raise ValueError(
-            "backend 'numba' cannot run this fused add: it needs the normalized axes "
-            "trailing and a contiguous residual"
+            f"backend {backends.get_backend()!r} cannot run this fused add: it needs the "
+            "normalized axes trailing and a contiguous residual"
         )
     backends._record("composite")
     return None

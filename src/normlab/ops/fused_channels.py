@@ -10,6 +10,7 @@ from normlab.ops.fused_common import (
     array,
     backward_op,
     differentiable_backward,
+    fake_stats,
     fused_op,
     launch,
     mask_array,
@@ -104,7 +105,7 @@ def _batch_norm_backward(
 
 
 def _fake_stats(x, n):
-    return x.new_empty(n, dtype=torch.float64)
+    return fake_stats(n, x)
 
 
 def _fake_train(x, weight, bias, eps, mask):
@@ -147,8 +148,9 @@ def _composite_forward(eps, mask, mean=None, var=None):
 
 
 def _gradients(ctx, dy, x, weight, bias, mean, rstd, mask, count, stats_given):
-    backward = batch_norm_backward if ctx.traced else _batch_norm_backward
-    dx, dweight, dbias = backward(dy.contiguous(), x, weight, mean, rstd, mask, count, stats_given)
+    dx, dweight, dbias = batch_norm_backward(
+        ctx.traced, dy.contiguous(), x, weight, mean, rstd, mask, count, stats_given
+    )
     needs = ctx.needs_input_grad
     return (
         dx if needs[0] else None,

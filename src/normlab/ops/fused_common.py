@@ -1,10 +1,48 @@
-"""What the custom ops around the Numba kernels share: tensor <-> array views, default
-parameters, and the double-differentiable fallback of their backward."""
+"""What the custom ops around the fused kernels share: tensor <-> array views for the Numba
+kernels, default parameters, the double-differentiable fallback of their backward, and how
+one op runs the Numba kernel or the Triton one.
+
+Which implementation runs
+-------------------------
+A custom op ``normlab::<name>`` has a CPU implementation (the Numba kernel) and, when its
+family has a Triton kernel, a CUDA one (``cuda_impl``). Which one runs is decided per call
+from the first tensor argument (x, or dy for a backward) by ``runs_triton``:
+
+- a CUDA tensor runs ``cuda_impl`` (Triton);
+- a CPU tensor runs the Numba ``impl``, except when the backend in force at the call is
+  "triton" (``normlab.backends.use("triton")``; ``normlab.ops.dispatch`` allows that on CPU
+  only with ``TRITON_INTERPRET=1``): then ``cuda_impl`` runs, in Triton's interpreter. This
+  is how the whole module -> functional -> op -> Triton path is tested without a GPU. The
+  rule is read when the op executes, so a graph compiled under ``use("triton")`` on CPU and
+  run outside it runs Numba (same numbers, to the tolerances).
+
+Statistics dtype: float64 for CPU tensors, float32 for CUDA tensors (``stats_dtype``), the
+same for every implementation, so the fake (meta) implementations can say which from the
+device alone. A ``cuda_impl`` computes float32 statistics and returns them as
+``stats_dtype(x)`` (a no-op on CUDA; widened to float64 in the interpreter). Backward
+implementations take the statistics in either dtype.
+
+Wiring a family (what ``fused_rows`` does)::
+
+    def _cuda_forward(x, weight, ...):         # same signature and outputs as the impl
+        from normlab.kernels.gpu import rows   # imports Triton only when it runs
+        y, mean, rstd = rows.row_norm_forward(...)
+        return y, mean.to(stats_dtype(x)), rstd.to(stats_dtype(x))
+
+    op_backward = backward_op("op_backward", _numba_backward, _fake, cuda_impl=_cuda_backward)
+    op = fused_op("op", _numba_forward, _fake, _setup, _backward, cuda_impl=_cuda_forward)
+
+and in ``_backward``: ``op_backward(ctx.traced, dy, ...)``. Fakes allocate statistics with
+``fake_stats``. Then add the layout to ``dispatch.TRITON_LAYOUTS``.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from normlab import backends
+from normlab.kernels.gpu import interpreting
 
 NO_MASK = np.zeros((0, 0), dtype=np.uint8)
 
@@ -26,9 +64,29 @@ def mask_array(mask: torch.Tensor | None) -> np.ndarray:
 
 
 def stats(shape, x: torch.Tensor) -> torch.Tensor:
-    """Statistics are kept in float64 whatever the input dtype: the saved mean of a float32
-    input with a large offset (1e4 + 1e-3 noise) would otherwise lose the noise."""
+    """Statistics of the Numba kernels are kept in float64 whatever the input dtype: the
+    saved mean of a float32 input with a large offset (1e4 + 1e-3 noise) would otherwise
+    lose the noise."""
     return torch.empty(shape, dtype=torch.float64, device=x.device)
+
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the statistics the fused ops return for ``x``'s device: float64 on the
+    CPU, float32 on CUDA (the Triton kernels accumulate in float32)."""
+    return torch.float64 if x.device.type == "cpu" else torch.float32
+
+
+def fake_stats(shape, x: torch.Tensor) -> torch.Tensor:
+    """Statistics as a fake implementation allocates them (the dtype of ``stats_dtype``)."""
+    return x.new_empty(shape, dtype=stats_dtype(x))
+
+
+def runs_triton(x: torch.Tensor) -> bool:
+    """True if an op called on ``x`` runs its Triton implementation (see the module
+    docstring): always on CUDA; on the CPU only with backend "triton" in the interpreter."""
+    if x.device.type != "cpu":
+        return True
+    return backends.get_backend() == "triton" and interpreting()
 
 
 def launch(kernel, *args) -> None:
@@ -54,18 +112,50 @@ def differentiable_backward(ctx, dy, forward, inputs):
     )
 
 
-def fused_op(name: str, impl, fake, setup, backward, differentiable_outputs: int = 1):
+def _device_switch(impl, cuda_impl):
+    """The implementation to call for the arguments' device (``runs_triton`` on the first)."""
+    if cuda_impl is None:
+        return impl
+
+    def run(*args):
+        return (cuda_impl if runs_triton(args[0]) else impl)(*args)
+
+    return run
+
+
+def _custom_op(name: str, impl, fake, cuda_impl):
+    """``normlab::<name>``: ``impl`` on CPU (or the device switch, which also reaches the
+    interpreted Triton kernel), ``cuda_impl`` on CUDA."""
+    op = torch.library.custom_op(f"normlab::{name}", impl, mutates_args=(), device_types="cpu")
+    if cuda_impl is not None:
+        op.register_kernel("cpu", _device_switch(impl, cuda_impl))
+        op.register_kernel("cuda", cuda_impl)
+    op.register_fake(fake)
+    return op
+
+
+def fused_op(
+    name: str,
+    impl,
+    fake,
+    setup,
+    backward,
+    differentiable_outputs: int = 1,
+    cuda_impl=None,
+):
     """The kernel's forward ``impl`` as the torch custom op ``normlab::<name>`` (with its
     ``fake`` implementation and autograd ``setup``/``backward``), and an eager twin: a
-    torch.autograd.Function with the same setup and backward that calls ``impl`` directly.
+    torch.autograd.Function with the same setup and backward that calls the implementation
+    directly. ``cuda_impl`` (same signature and outputs) is the Triton implementation, run
+    on CUDA tensors and, interpreted, on CPU ones (see the module docstring).
 
     Returns a function that runs the custom op while ``torch.compile`` traces (so the graph
     holds one opaque op and no graph break) and the twin otherwise: the custom-op dispatcher
     costs about 100 us a call in eager mode, more than the kernel on small inputs. In
     ``backward``, ``ctx.traced`` tells which of the two recorded the graph (call the
     backward custom op when traced, its implementation when not)."""
-    op = torch.library.custom_op(f"normlab::{name}", impl, mutates_args=(), device_types="cpu")
-    op.register_fake(fake)
+    op = _custom_op(name, impl, fake, cuda_impl)
+    implementation = _device_switch(impl, cuda_impl)
 
     def setup_context(traced):
         def set_up(ctx, inputs, output):
@@ -80,7 +170,7 @@ def fused_op(name: str, impl, fake, setup, backward, differentiable_outputs: int
     set_up_eager = setup_context(False)
 
     def forward(ctx, *args):  # ctx-style forward: no per-call signature binding
-        output = impl(*args)
+        output = implementation(*args)
         set_up_eager(ctx, args, output)
         return output
 
@@ -100,8 +190,21 @@ def fused_op(name: str, impl, fake, setup, backward, differentiable_outputs: int
     return run
 
 
-def backward_op(name: str, impl, fake):
-    """A backward kernel as the custom op ``normlab::<name>`` (for compiled graphs)."""
-    op = torch.library.custom_op(f"normlab::{name}", impl, mutates_args=(), device_types="cpu")
-    op.register_fake(fake)
-    return op
+class BackwardOp:
+    """A backward kernel both ways: ``op``, the custom op ``normlab::<name>`` that compiled
+    graphs record, and ``eager``, the implementation for the device called directly.
+    ``backward(ctx.traced, *args)`` calls the one matching how the forward ran."""
+
+    def __init__(self, name: str, impl, fake, cuda_impl=None):
+        self.op = _custom_op(name, impl, fake, cuda_impl)
+        self.eager = _device_switch(impl, cuda_impl)
+        self.__doc__ = impl.__doc__
+
+    def __call__(self, traced: bool, *args):
+        return (self.op if traced else self.eager)(*args)
+
+
+def backward_op(name: str, impl, fake, cuda_impl=None) -> BackwardOp:
+    """A backward kernel as the custom op ``normlab::<name>`` (for compiled graphs) and its
+    eager call; ``cuda_impl`` as in ``fused_op``."""
+    return BackwardOp(name, impl, fake, cuda_impl)

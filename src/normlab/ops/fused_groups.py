@@ -9,6 +9,7 @@ from normlab.ops.fused_common import (
     array,
     backward_op,
     differentiable_backward,
+    fake_stats,
     fused_op,
     launch,
     mask_array,
@@ -80,7 +81,7 @@ def _group_norm_backward(
 
 def _fake_group_norm(x, weight, bias, groups, eps, mask):
     shape = (x.shape[0], groups)
-    return (torch.empty_like(x), *(x.new_empty(shape, dtype=torch.float64) for _ in range(3)))
+    return (torch.empty_like(x), *(fake_stats(shape, x) for _ in range(3)))
 
 
 def _fake_backward(dy, x, weight, mean, rstd, groups, mask):
@@ -126,8 +127,9 @@ def _backward(ctx, dy, _dmean, _dvar, _drstd):
         forward = _composite_forward(ctx.groups, ctx.eps, mask)
         grads = differentiable_backward(ctx, dy, forward, (x, weight, bias))
         return (*grads, None, None, None)
-    backward = group_norm_backward if ctx.traced else _group_norm_backward
-    dx, dweight, dbias = backward(dy.contiguous(), x, weight, mean, rstd, ctx.groups, mask)
+    dx, dweight, dbias = group_norm_backward(
+        ctx.traced, dy.contiguous(), x, weight, mean, rstd, ctx.groups, mask
+    )
     needs = ctx.needs_input_grad
     return (
         dx if needs[0] else None,

@@ -9,6 +9,7 @@ from normlab.ops.fused_common import (
     array,
     backward_op,
     differentiable_backward,
+    fake_stats,
     fused_op,
     launch,
     param,
@@ -104,7 +105,7 @@ def _row_norm_backward(
 
 
 def _fake_stats(x):
-    return x.new_empty(x.shape[0], dtype=torch.float64)
+    return fake_stats(x.shape[0], x)
 
 
 def _fake_row_norm(x, weight, bias, eps, center):
@@ -132,8 +133,9 @@ def _composite_forward(eps, center):
 
 
 def _gradients(ctx, dy, x, extra, weight, bias, mean, rstd, needs_weight, needs_bias):
-    backward = row_norm_backward if ctx.traced else _row_norm_backward
-    dx, dweight, dbias = backward(dy.contiguous(), x, weight, mean, rstd, ctx.center, extra)
+    dx, dweight, dbias = row_norm_backward(
+        ctx.traced, dy.contiguous(), x, weight, mean, rstd, ctx.center, extra
+    )
     return (
         dx,
         dweight if weight is not None and needs_weight else None,

@@ -21,7 +21,8 @@ class _PowerNormApprox(torch.autograd.Function):
         ctx.nu = nu  # the buffer the backward updates
         ctx.config = (reduction_dims, eps, alpha_bkw)
         ctx.plan = dispatch.choose(x, weight, bias, reduction_dims, True, phi, phi, mask)
-        if ctx.plan is not None and ctx.plan.layout != "channels":
+        # The fused path is the Numba channels kernel; a Triton plan runs the composite.
+        if ctx.plan is not None and (ctx.plan.layout != "channels" or ctx.plan.kernel != "numba"):
             ctx.plan = None
         if ctx.plan is not None:
             return _numba_forward(ctx.plan, x, weight, bias, phi, eps)
