@@ -341,12 +341,37 @@ def test_to_torch_skips_what_torch_cannot_express():
         convert(model, to="torch", strict=True)
 
 
-def test_subclass_of_torch_norm_is_reported():
+def test_subclass_of_torch_norm_is_probed():
+    """A subclass of torch.nn.LayerNorm may change forward: it is converted only when its
+    forward is found to compute a LayerNorm (with weight, or 1 + weight and fold_offset)."""
+
     class MyLN(nn.LayerNorm):
         pass
 
-    model, summary = convert(nn.Sequential(MyLN(4)))
-    assert type(model[0]) is MyLN and "subclass" in summary.entries[0].reason
+    class OnePlusLN(nn.LayerNorm):  # Nemotron's LayerNorm1P
+        def forward(self, x):
+            return nn.functional.layer_norm(
+                x, self.normalized_shape, self.weight + 1, self.bias, self.eps
+            )
+
+    class Doubled(nn.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(MyLN(4), OnePlusLN(4), Doubled(4))
+    with torch.no_grad():
+        for m in model:
+            m.weight.normal_()
+            m.bias.normal_()
+    converted, summary = convert(model)
+    assert type(converted[0]) is normlab.LayerNorm and type(converted[2]) is Doubled
+    assert type(converted[1]) is OnePlusLN and "fold_offset=True" in summary.entries[1].reason
+    assert "matches neither" in summary.entries[2].reason
+    folded, _ = convert(model, fold_offset=True)
+    assert type(folded[1]) is normlab.LayerNorm
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(folded[0](x), model[0](x))
+    torch.testing.assert_close(folded[1](x), model[1](x))
 
 
 def test_bad_target_and_model():
@@ -375,3 +400,41 @@ def test_half_precision_lookalikes(cls, dtype):
     assert isinstance(converted, normlab.RMSNorm) and converted.weight.dtype == dtype
     x = torch.randn(4, 64).to(dtype)
     torch.testing.assert_close(converted(x), model(x), **tol(dtype))
+
+
+class FreeLayerNorm(nn.Module):  # OLMo's LayerNorm: no parameters, no eps attribute
+    def __init__(self, hidden):
+        super().__init__()
+        self.normalized_shape = (hidden,)
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, eps=1e-6).to(x.dtype)
+
+
+class AnyWidthRMS(nn.Module):  # Llama 4's L2Norm: RMSNorm of the last axis, any width
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class NotANorm(nn.Module):  # has an eps attribute, computes something else
+    eps = 1e-5
+
+    def forward(self, x):
+        return x / (x.abs().amax(-1, keepdim=True) + self.eps)
+
+
+def test_parameter_free_norms_are_probed():
+    model = nn.Sequential(FreeLayerNorm(6), AnyWidthRMS(), NotANorm())
+    converted, summary = convert(model)
+    assert type(converted[0]) is normlab.LayerNorm
+    assert converted[0].weight is None and converted[0].eps == 1e-6
+    assert "eps=1e-06 found by probing" in summary.entries[0].reason
+    assert type(converted[1]) is AnyWidthRMS
+    assert "needs a normalized_shape" in summary.entries[1].reason
+    assert type(converted[2]) is NotANorm and len(summary) == 2  # not a norm: not reported
+    x = torch.randn(4, 6) * 0.01 + 3  # small variance: a wrong eps would show
+    torch.testing.assert_close(converted[0](x), model[0](x), **tol(torch.float32))

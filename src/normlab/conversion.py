@@ -132,17 +132,28 @@ def convert(
     (``to="torch"``) twins. Returns ``(model, summary)``.
 
     ``to="normlab"`` converts the torch.nn LayerNorm, RMSNorm, BatchNorm1d/2d/3d,
-    SyncBatchNorm, GroupNorm and InstanceNorm1d/2d/3d (exact classes; a subclass is skipped,
-    its forward may differ), and look-alike norms found by behaviour: a module with a 1-D
-    ``weight`` parameter, a float ``eps`` or ``variance_epsilon`` and no children. Its
-    forward, with random weight (and bias) values, runs on a float32 probe of shape
-    ``(3, H)``; it becomes ``normlab.RMSNorm`` when it equals RMSNorm with that weight and
-    eps (within 1e-5), ``normlab.LayerNorm`` when it equals LayerNorm (with its ``bias`` if it
-    has one). A forward equal to RMSNorm with ``1 + weight`` (Gemma's offset) is skipped
-    unless ``fold_offset=True``, which builds ``RMSNorm`` with ``weight + 1`` and says so in
-    the summary: the outputs match, but the converted state_dict holds ``1 + w``, so an
-    original checkpoint no longer loads into the converted model as is. Any other module
-    with a ``weight`` and an ``eps``/``variance_epsilon`` is left, with the reason.
+    SyncBatchNorm, GroupNorm and InstanceNorm1d/2d/3d (exact classes), and look-alike norms
+    found by behaviour:
+
+    - a module with a 1-D ``weight`` parameter, a float ``eps`` or ``variance_epsilon`` and
+      no children (Hugging Face's LlamaRMSNorm, T5LayerNorm, CohereLayerNorm, ...), or a
+      subclass of torch.nn LayerNorm/RMSNorm (its forward may differ). Its forward, with
+      random weight (and bias) values, runs on float32 probes of shape ``(3, H)`` (standard
+      deviations 1 and 0.01, so eps matters); it becomes ``normlab.RMSNorm`` when it equals
+      RMSNorm with that weight and eps (within 1e-5), ``normlab.LayerNorm`` when it equals
+      LayerNorm (with its ``bias`` if it has one). A forward equal to the norm with
+      ``1 + weight`` (Gemma's RMSNorm, Nemotron's LayerNorm1P) is skipped unless
+      ``fold_offset=True``, which builds the norm with ``weight + 1`` and says so in the
+      summary: the outputs match, but the converted state_dict holds ``1 + w``, so an
+      original checkpoint no longer loads into the converted model as is.
+    - a module with no parameters, buffers or children and a ``normalized_shape`` or an eps
+      attribute (OLMo's LayerNorm): it becomes a normlab LayerNorm/RMSNorm without affine
+      when a probe finds it computes one. Without an eps attribute, eps is searched among
+      common values (1e-5, 1e-6, 1e-12, ...) and the one found is named in the summary;
+      without ``normalized_shape`` (Llama 4's L2Norm works on any width) it is skipped.
+
+    Any other module with a ``weight`` and an ``eps``/``variance_epsilon`` is left, with the
+    reason; a subclass of a torch.nn BatchNorm, GroupNorm or InstanceNorm is left too.
 
     ``to="torch"`` converts normlab's LayerNorm, RMSNorm, BatchNorm1d/2d/3d, SyncBatchNorm,
     GroupNorm and InstanceNorm1d/2d/3d. Left in place with the reason: a LayerNorm/RMSNorm
@@ -220,6 +231,8 @@ def _convert_one(name: str, module: nn.Module, to: str, fold_offset: bool):
         if target is not None:
             new = _rebuild(module, target, _torch_args(module))
             return new, ConversionEntry(name, source, _class_name(target))
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
+            return _convert_lookalike(name, module, fold_offset)  # a subclass: probe it
         if isinstance(module, _TORCH_NORMS):
             return None, ConversionEntry(
                 name, source, None, "subclass of a torch.nn norm: its forward may differ"
@@ -300,6 +313,18 @@ def _rebuild(old: nn.Module, target: type, args_kwargs, state_dict=None) -> nn.M
 
 # Look-alike norms (model libraries' own RMSNorm / LayerNorm classes).
 
+# Probed computations: (kind, centred, offset). "offset" multiplies by (1 + weight).
+_KINDS = (
+    ("rms_norm", False, False),
+    ("layer_norm", True, False),
+    ("rms_norm_offset", False, True),
+    ("layer_norm_offset", True, True),
+)
+# The eps values tried, in this order, on a norm that does not expose its eps.
+_COMMON_EPS = (1e-5, 1e-6, 1e-12, 1e-8, 1e-3, 1e-4, 1e-7, 1e-10, 1e-9, 1e-2, 0.0)
+# A parameter-free norm with no ``normalized_shape`` is probed at this width.
+_FREE_PROBE_WIDTH = 16
+
 
 def _lookalike_eps(module: nn.Module):
     for attr in ("eps", "variance_epsilon"):
@@ -310,8 +335,10 @@ def _lookalike_eps(module: nn.Module):
 
 def _convert_lookalike(name: str, module: nn.Module, fold_offset: bool):
     weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return _convert_parameter_free(name, module)
     eps_attr, eps = _lookalike_eps(module)
-    if not isinstance(weight, torch.Tensor) or eps_attr is None:
+    if eps_attr is None:
         return None, None  # does not look like a norm
     source = _class_name(type(module))
 
@@ -330,73 +357,142 @@ def _convert_lookalike(name: str, module: nn.Module, fold_offset: bool):
     if weight.device.type == "meta":
         return skip("looks like a norm but its weight is on the meta device (cannot probe)")
     eps = float(eps)
-    match = _probe(module, eps, bias is not None)
     hidden = weight.numel()
+    match = _probe(module, (hidden,), eps, affine=True, has_bias=bias is not None)
     if match is None:
         return skip(
             f"looks like a norm ({eps_attr}={eps}) but its forward on a (3, {hidden}) probe "
-            "matches neither RMSNorm, LayerNorm nor RMSNorm with (1 + weight)"
+            "matches neither RMSNorm nor LayerNorm, with weight or with (1 + weight)"
         )
     if match.startswith("error"):
         return skip(f"looks like a norm but its forward failed on a (3, {hidden}) probe: {match}")
-    if match == "offset" and not fold_offset:
+    offset = match.endswith("_offset")
+    if offset and not fold_offset:
+        base = "RMSNorm" if match.startswith("rms") else "LayerNorm"
         return skip(
-            "computes RMSNorm with (1 + weight) (Gemma-style offset), which normlab.RMSNorm "
+            f"computes {base} with (1 + weight) (Gemma-style offset), which normlab.{base} "
             "has not; convert(..., fold_offset=True) folds it into weight"
         )
     factory = {"device": weight.device, "dtype": weight.dtype}
     with torch.no_grad():
-        if match == "layer_norm":
+        if match.startswith("layer_norm"):
             new = LayerNorm(hidden, eps, True, bias is not None, **factory)
-            new.weight.copy_(weight)
             if bias is not None:
                 new.bias.copy_(bias)
                 new.bias.requires_grad_(bias.requires_grad)
-            note = ""
         else:
             new = RMSNorm(hidden, eps, True, **factory)
-            new.weight.copy_(weight + 1 if match == "offset" else weight)
-            note = "folded the (1 + weight) offset: new weight = 1 + old weight" * (
-                match == "offset"
-            )
+        new.weight.copy_(weight + 1 if offset else weight)
         new.weight.requires_grad_(weight.requires_grad)
+    note = "folded the (1 + weight) offset: new weight = 1 + old weight" if offset else ""
     new.train(module.training)
     return new, ConversionEntry(name, source, _class_name(type(new)), note)
 
 
-def _probe(module: nn.Module, eps: float, has_bias: bool) -> str | None:
-    """Which computation ``module`` performs: "rms_norm", "layer_norm", "offset" (RMSNorm
-    with 1 + weight), None (none of them) or "error: ..." (its forward raised)."""
-    hidden = module.weight.numel()
+def _convert_parameter_free(name: str, module: nn.Module):
+    """A norm without parameters (OLMo's LayerNorm, Llama 4's L2Norm): a module with no
+    parameters, buffers or children and a ``normalized_shape`` or an eps attribute, whose
+    forward is found by probing. Anything else, or a probe that matches no norm, is not
+    reported (such modules are not norms)."""
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        return None, None
+    if any(True for _ in module.children()):
+        return None, None
+    eps_attr, eps = _lookalike_eps(module)
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, numbers.Integral):
+        shape = (shape,)
+    if shape is not None:
+        if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) > 0) or not all(
+            isinstance(n, numbers.Integral) and n > 0 for n in shape
+        ):
+            return None, None
+        shape = tuple(int(n) for n in shape)
+    if eps_attr is None and shape is None:
+        return None, None
+    if eps_attr is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
+        return None, None
+    probe_shape = shape or (_FREE_PROBE_WIDTH,)
+    candidates = (float(eps),) if eps_attr is not None else _COMMON_EPS
+    for candidate in candidates:
+        match = _probe(module, probe_shape, candidate, affine=False, has_bias=False)
+        if match in ("rms_norm", "layer_norm"):
+            eps = candidate
+            break
+    else:
+        return None, None  # not a norm, or one we do not recognise: nothing to report
+    source = _class_name(type(module))
+    kind = "RMSNorm" if match == "rms_norm" else "LayerNorm"
+    if shape is None:
+        return None, ConversionEntry(
+            name,
+            source,
+            None,
+            f"computes a parameter-free {kind} of the last axis whatever its size; normlab."
+            f"{kind} needs a normalized_shape and the module does not give one",
+        )
+    cls = RMSNorm if match == "rms_norm" else LayerNorm
+    new = cls(shape, eps, elementwise_affine=False)
+    new.train(module.training)
+    note = "" if eps_attr is not None else f"eps={eps:g} found by probing (no eps attribute)"
+    return new, ConversionEntry(name, source, _class_name(cls), note)
+
+
+def _probe(
+    module: nn.Module, shape: tuple, eps: float, *, affine: bool, has_bias: bool
+) -> str | None:
+    """Which computation ``module`` performs on ``(3, *shape)`` inputs: a kind of
+    ``_KINDS`` (with the module's weight and bias set to random values when ``affine``),
+    None (none of them) or "error: ..." (its forward raised). Two probes, of standard
+    deviation 1 and 0.01, the second one where eps matters."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(_PROBE_ROWS, hidden, generator=gen) + 0.5  # not centred: LN != RMS
-    w = torch.rand(hidden, generator=gen) + 0.5
-    b = torch.randn(hidden, generator=gen) if has_bias else None
+    w = torch.rand(shape, generator=gen) + 0.5
+    b = torch.randn(shape, generator=gen) if has_bias else None
+    probes = [
+        (torch.randn(_PROBE_ROWS, *shape, generator=gen) + 0.5) * scale  # not centred
+        for scale in (1.0, 0.01)
+    ]
+    kinds = [k for k in _KINDS if affine or not k[2]]
+    if has_bias:
+        kinds = [k for k in kinds if k[1]]  # a bias goes with a centred norm
+    dims = tuple(range(-len(shape), 0))
     with torch.no_grad():
         try:  # on a float32 CPU copy with random weight (and bias): the model is not touched
             probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float32)
-            probe.weight.copy_(w)
-            if has_bias:
-                probe.bias.copy_(b)
-            out = probe(x.clone())
+            if affine:
+                probe.weight.copy_(w.reshape(probe.weight.shape))
+                if has_bias:
+                    probe.bias.copy_(b.reshape(probe.bias.shape))
+            outs = [probe(x.clone()) for x in probes]
         except Exception as error:  # any failure means "not a norm we can take"
             return f"error: {type(error).__name__}: {error}"
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        if not all(
+            isinstance(o, torch.Tensor) and o.shape == x.shape
+            for o, x in zip(outs, probes, strict=True)
+        ):
             return None
-        out = out.float()
-        candidates = []
-        if has_bias:
-            candidates.append(("layer_norm", LayerNorm(hidden, eps)))
-        else:
-            candidates += [
-                ("rms_norm", RMSNorm(hidden, eps)),
-                ("layer_norm", LayerNorm(hidden, eps, bias=False)),
-                ("offset", RMSNorm(hidden, eps)),
-            ]
-        for kind, reference in candidates:
-            reference.weight.copy_(w + 1 if kind == "offset" else w)
-            if reference.bias is not None:
-                reference.bias.copy_(b)
-            if torch.allclose(out, reference(x), atol=_PROBE_TOL, rtol=_PROBE_TOL):
+        for kind, centred, offset in kinds:
+            if all(
+                torch.allclose(
+                    out.float(),
+                    _expected(x, dims, eps, centred, w + 1 if offset else w, b, affine),
+                    atol=_PROBE_TOL,
+                    rtol=_PROBE_TOL,
+                )
+                for out, x in zip(outs, probes, strict=True)
+            ):
                 return kind
     return None
+
+
+def _expected(x, dims, eps, centred, weight, bias, affine):
+    """The probed norm, in float64 (the reference the module's output must match)."""
+    x = x.double()
+    if centred:
+        x = x - x.mean(dims, keepdim=True)
+    y = x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
+    if affine:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
