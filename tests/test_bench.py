@@ -176,6 +176,25 @@ def test_cli_quick_runs_both_allocation_modes_in_subprocesses(tmp_path):
             _check_case(case, 2)
     assert "layer_norm 64x32" in result.stdout
     assert "| case | dir |" in markdown_path.read_text()
+    assert "fold_batchnorm: eval forward" in result.stdout
+    assert {name: r["folded_batchnorms"] for name, r in report["fold_batchnorm"].items()} == {
+        "cnn": 3,
+        "mlp": 2,
+    }
+
+
+def test_fold_timing_compares_equal_models(restore_threads):
+    from normlab.bench import fold_speed
+
+    results = fold_speed.measure("toy", repetitions=2, warmup=0)
+    for r in results.values():
+        assert r["max_abs_diff"] < 1e-5  # the three models compute the same function
+        assert set(r["median_s"]) == {"torch.nn", "normlab", "folded"}
+        assert all(t > 0 for t in r["median_s"].values())
+        assert r["speedup_vs_torch"] == r["median_s"]["torch.nn"] / r["median_s"]["folded"]
+    _, models, _ = fold_speed._models("cnn", fold_speed.SIZES["toy"]["cnn"], 0)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in models["folded"].modules())
+    assert all(not m.training for m in models.values())
 
 
 def test_retained_environment_sets_glibc_tunables_and_default_strips_them():

@@ -26,6 +26,7 @@ class Settings:
     threads: int | None = None
     alloc: str = "both"
     compile: bool = True
+    fold: bool = True  # also time fold_batchnorm on a small CNN and an MLP
     seed: int = 0
     json_path: str | None = "bench.json"
     markdown_path: str | None = None
@@ -121,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the torch.compile contenders (their compile time dominates short runs)",
     )
+    parser.add_argument(
+        "--no-fold",
+        dest="fold",
+        action="store_false",
+        help="skip the fold_batchnorm inference timing (small CNN and MLP)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="inputs and contender order")
 
 
@@ -135,6 +142,7 @@ def settings_from(args: argparse.Namespace, command: list[str] | None = None) ->
         threads=args.threads,
         alloc=args.alloc,
         compile=args.compile,
+        fold=args.fold,
         seed=args.seed,
         json_path=args.json,
         markdown_path=args.markdown,

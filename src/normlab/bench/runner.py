@@ -157,6 +157,8 @@ def run(settings: Settings, console=None) -> dict:
             modes[mode] = run_mode_in_subprocess(mode, settings, on_event)
     report = assemble(settings, modes)
     table.print_report(report, console)
+    if settings.fold:
+        report["fold_batchnorm"] = _measure_fold(settings, console)
     if settings.json_path:
         Path(settings.json_path).write_text(json.dumps(report, indent=1) + "\n")
         console.print(f"results: {settings.json_path}")
@@ -164,6 +166,26 @@ def run(settings: Settings, console=None) -> dict:
         Path(settings.markdown_path).write_text(table.markdown(report))
         console.print(f"tables: {settings.markdown_path}")
     return report
+
+
+def _measure_fold(settings: Settings, console) -> dict:
+    """fold_batchnorm's inference speed-up (``fold_speed``), in this process."""
+    import torch
+
+    from normlab.bench import fold_speed
+
+    threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        with console.status("timing fold_batchnorm (small CNN, MLP)"):
+            results = fold_speed.measure(
+                settings.grid, settings.repetitions, settings.warmup, settings.seed
+            )
+    finally:
+        torch.set_num_threads(threads)
+    fold_speed.print_table(results, console)
+    return results
 
 
 def run_worker(mode: str, settings: Settings, out_path: str) -> int:
