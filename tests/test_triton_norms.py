@@ -1,0 +1,298 @@
+"""The Triton GroupNorm/InstanceNorm, BatchNorm and PowerNorm kernels (normlab.kernels.gpu
+.groups, .channels, .power_norm) against the float64 reference: forward, statistics and
+gradients, masked and not, channels first and last, float32/float16/bfloat16, a large mean,
+and two runs bit-identical. Without a GPU they run on CPU tensors in Triton's interpreter
+(TRITON_INTERPRET=1, set before Triton is imported), with blocks shrunk so that every loop
+and every split of a reduction runs several times on these small inputs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from normlab import reference as ref
+from normlab.kernels.gpu import channels, groups, power_norm
+from normlab.ops import dispatch
+from normlab.ops import power_norm as power_norm_op
+from tolerances import grad_tol, tol
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HALF = [torch.float16, torch.bfloat16]
+EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of a few elements: loops over tiles, channel tiles and spans all iterate."""
+    monkeypatch.setattr(groups, "TILE", 8)
+    monkeypatch.setattr(channels, "TILE", 16)
+    monkeypatch.setattr(channels, "MAX_TILE_CHANNELS", 4)
+    monkeypatch.setattr(channels, "PARTIAL_TILES", 2)
+
+
+def _data(shape, dtype, seed, params, loc=0.5, scale=2.0):
+    """x, dy, weight, bias on the test device (weight not ones, bias not zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = loc + scale * torch.randn(shape, generator=gen, dtype=torch.float64)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    weight = 1 + 0.5 * torch.randn(params, generator=gen, dtype=torch.float64)
+    bias = torch.randn(params, generator=gen, dtype=torch.float64)
+    return tuple(t.to(dtype).to(DEVICE) for t in (x, dy, weight, bias))
+
+
+def _mask(rows, positions, seed):
+    """uint8 (rows, positions), ~60% real, every row with a real first position."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(rows, positions, generator=gen) < 0.6).to(torch.uint8)
+    mask[:, 0] = 1
+    return mask.to(DEVICE)
+
+
+def _np(t):
+    return None if t is None else t.detach().double().cpu().numpy()
+
+
+def _close(actual, expected, tolerance, what):
+    expected = torch.as_tensor(np.asarray(expected, dtype=np.float64))
+    torch.testing.assert_close(
+        actual.detach().double().cpu(), expected, **tolerance, msg=lambda m: f"{what}: {m}"
+    )
+
+
+# --- GroupNorm / InstanceNorm ------------------------------------------------------------------
+
+# (shape (N, C, S), groups): one group, several, one channel each; S = 1 and S > TILE.
+GROUP_CASES = [((3, 6, 7), 1), ((3, 6, 7), 2), ((3, 6, 7), 6), ((2, 8, 1), 2), ((2, 4, 19), 4)]
+
+
+@pytest.mark.parametrize("shape,num_groups", GROUP_CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_matches_reference(shape, num_groups, affine):
+    x, dy, weight, bias = _data(shape, torch.float32, 1, shape[1])
+    weight, bias = (weight, bias) if affine else (None, None)
+    y, mean, var, rstd = groups.group_norm_forward(x, weight, bias, num_groups, EPS, None)
+    args = (_np(x), num_groups, _np(weight), _np(bias), EPS)
+    _close(y, ref.group_norm(*args), tol(torch.float32), "y")
+    grouped = _np(x).reshape(shape[0], num_groups, -1)
+    _close(mean, grouped.mean(axis=2), tol(torch.float32), "mean")
+    _close(var, grouped.var(axis=2), tol(torch.float32), "var")
+    assert mean.dtype == var.dtype == rstd.dtype == torch.float32
+    dx, dweight, dbias = groups.group_norm_backward(dy, x, weight, mean, rstd, num_groups, None)
+    ref_dx, ref_dweight, ref_dbias = ref.group_norm_backward(_np(dy), *args)
+    _close(dx, ref_dx, grad_tol(torch.float32), "dx")
+    if affine:
+        _close(dweight, ref_dweight, grad_tol(torch.float32), "dweight")
+        _close(dbias, ref_dbias, grad_tol(torch.float32), "dbias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_masked_instance_norm_matches_reference(dtype):
+    """Statistics over the real positions only; every position normalized with them."""
+    shape = (3, 4, 19)
+    x, dy, weight, bias = _data(shape, dtype, 2, shape[1])
+    mask = _mask(shape[0], shape[2], 2)
+    mask[0, 1:] = 0  # one real position: variance 0
+    y, mean, _, rstd = groups.group_norm_forward(x, weight, bias, shape[1], EPS, mask)
+    assert y.dtype == dtype
+    args = (_np(x), _np(weight), _np(bias), EPS, _np(mask))
+    _close(y, ref.instance_norm(*args), tol(dtype), "y")
+    dx, dweight, dbias = groups.group_norm_backward(dy, x, weight, mean, rstd, shape[1], mask)
+    want = ref.instance_norm_backward(_np(dy), *args)
+    for got, expected, name in zip((dx, dweight, dbias), want, ("dx", "dw", "db"), strict=True):
+        _close(got, expected, grad_tol(dtype), name)
+
+
+def test_group_norm_ignores_nan_in_padding():
+    """NaN in padded positions (where dy = 0) enters neither statistics nor gradients."""
+    shape = (2, 6, 9)
+    x, dy, weight, bias = _data(shape, torch.float32, 3, shape[1])
+    mask = _mask(shape[0], shape[2], 3)
+    pad = (mask == 0)[:, None, :].expand(shape)
+    clean = x.masked_fill(pad, 0.0)
+    dirty, dy = x.masked_fill(pad, float("nan")), dy.masked_fill(pad, 0.0)
+    y, mean, _, rstd = groups.group_norm_forward(dirty, weight, bias, 3, EPS, mask)
+    args = (_np(clean), 3, _np(weight), _np(bias), EPS, _np(mask))
+    _close(y[~pad], ref.group_norm(*args)[~pad.cpu().numpy()], tol(torch.float32), "y")
+    grads = groups.group_norm_backward(dy, dirty, weight, mean, rstd, 3, mask)
+    for got, want in zip(grads, ref.group_norm_backward(_np(dy), *args), strict=True):
+        _close(got, want, grad_tol(torch.float32), "gradient")
+
+
+# --- BatchNorm -----------------------------------------------------------------------------
+
+# (A, C, B): channels last (B == 1; more channels than a channel tile), channels first.
+BN_SHAPES = [(37, 6, 1), (5, 3, 7)]
+
+
+def _bn_reference(x, dy, weight, bias, mask):
+    args = (_np(x), _np(weight), _np(bias), EPS)
+    m = _np(mask)
+    return ref.batch_norm_train(*args, dim=1, mask=m), ref.batch_norm_train_backward(
+        _np(dy), *args, dim=1, mask=m
+    )
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_batch_norm_train_matches_reference(shape, masked, dtype):
+    x, dy, weight, bias = _data(shape, dtype, 4, shape[1])
+    mask = _mask(shape[0], shape[2], 4) if masked else None
+    y, mean, var, rstd, count = channels.batch_norm_train(x, weight, bias, EPS, mask)
+    assert y.dtype == dtype
+    assert mean.dtype == var.dtype == rstd.dtype == count.dtype == torch.float32
+    ref_y, ref_grads = _bn_reference(x, dy, weight, bias, mask)
+    _close(y, ref_y, tol(dtype), "y")
+    real = np.ones((shape[0], shape[2])) if mask is None else _np(mask)
+    xs = np.where(real[:, None, :] > 0, _np(x), np.nan)
+    _close(mean, np.nanmean(xs, axis=(0, 2)), tol(torch.float32), "mean")
+    _close(var, np.nanvar(xs, axis=(0, 2)), tol(torch.float32), "var")
+    assert count.item() == real.sum()
+    grads = channels.batch_norm_backward(dy, x, weight, mean, rstd, mask, count, False)
+    for got, want, name in zip(grads, ref_grads, ("dx", "dweight", "dbias"), strict=True):
+        assert got.dtype == dtype
+        _close(got, want, grad_tol(dtype), name)
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_given_statistics_matches_reference(shape, affine):
+    x, dy, weight, bias = _data(shape, torch.float32, 5, shape[1])
+    weight, bias = (weight, bias) if affine else (None, None)
+    running_mean = torch.linspace(-1, 1, shape[1], device=DEVICE)
+    running_var = torch.linspace(0.5, 3, shape[1], device=DEVICE)
+    y, mean, rstd = channels.batch_norm_given(x, weight, bias, running_mean, running_var, EPS)
+    args = (_np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), EPS)
+    _close(y, ref.batch_norm_eval(*args), tol(torch.float32), "y")
+    count = torch.ones(1, dtype=torch.float64)  # as the op passes it: not read
+    grads = channels.batch_norm_backward(dy, x, weight, mean, rstd, None, count, True)
+    ref_grads = ref.batch_norm_eval_backward(_np(dy), *args)
+    _close(grads[0], ref_grads[0], grad_tol(torch.float32), "dx")
+    if affine:
+        _close(grads[1], ref_grads[1], grad_tol(torch.float32), "dweight")
+        _close(grads[2], ref_grads[2], grad_tol(torch.float32), "dbias")
+
+
+@pytest.mark.parametrize("shape", [(300, 3, 1), (6, 2, 50)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_batch_norm_large_mean(shape, masked):
+    """x = 1e4 + 1e-3 noise in float32 (|mean| / std = 1e7): the spans' moments of x minus a
+    pivot keep the variance and y exact, and the backward recovers what the float32 mean
+    (rounded by up to half the noise) lost."""
+    x, dy, weight, bias = _data(shape, torch.float32, 6, shape[1], loc=1e4, scale=1e-3)
+    mask = _mask(shape[0], shape[2], 6) if masked else None
+    assert channels.layout(shape).partials > 2
+    y, mean, var, rstd, count = channels.batch_norm_train(x, weight, bias, EPS, mask)
+    ref_y, ref_grads = _bn_reference(x, dy, weight, bias, mask)
+    real = np.ones((shape[0], shape[2])) if mask is None else _np(mask)
+    xs = np.where(real[:, None, :] > 0, _np(x), np.nan)
+    _close(var, np.nanvar(xs, axis=(0, 2)), {"rtol": 1e-4, "atol": 0.0}, "var")
+    _close(y, ref_y, tol(torch.float32), "y")
+    grads = channels.batch_norm_backward(dy, x, weight, mean, rstd, mask, count, False)
+    for got, want, name in zip(grads, ref_grads, ("dx", "dweight", "dbias"), strict=True):
+        _close(got, want, grad_tol(torch.float32), name)
+
+
+def test_batch_norm_nan_in_padding_does_not_leak():
+    shape = (40, 5, 1)
+    x, dy, weight, bias = _data(shape, torch.float32, 7, shape[1])
+    mask = _mask(shape[0], shape[2], 7)
+    mask[0] = 0  # the first element is padding: the pivot must come from a real one
+    pad = (mask == 0)[:, None, :].expand(shape)
+    clean, dy = x.masked_fill(pad, 0.0), dy.masked_fill(pad, 0.0)
+    dirty = x.masked_fill(pad, float("nan"))
+    y, mean, _, rstd, count = channels.batch_norm_train(dirty, weight, bias, EPS, mask)
+    ref_y, ref_grads = _bn_reference(clean, dy, weight, bias, mask)
+    _close(y[~pad], ref_y[~pad.cpu().numpy()], tol(torch.float32), "y")
+    grads = channels.batch_norm_backward(dy, dirty, weight, mean, rstd, mask, count, False)
+    for got, want in zip(grads, ref_grads, strict=True):
+        _close(got, want, grad_tol(torch.float32), "gradient")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 / 0
+def test_batch_norm_without_real_elements_gives_nan_statistics():
+    x, _, weight, bias = _data((6, 3, 2), torch.float32, 8, 3)
+    mask = torch.zeros(6, 2, dtype=torch.uint8, device=DEVICE)
+    _, mean, var, _, count = channels.batch_norm_train(x, weight, bias, EPS, mask)
+    assert count.item() == 0 and mean.isnan().all() and var.isnan().all()
+
+
+# --- PowerNorm -----------------------------------------------------------------------------
+
+
+def _power_inputs(shape, dtype, masked, seed):
+    """x (N, L, C) channels last, its dy, weight, bias, phi (1, 1, C), nu (C,), bool mask
+    (N, L, 1) and the channels plan (computed as the Numba one: the same view)."""
+    x, dy, weight, bias = _data(shape, dtype, seed, shape[-1])
+    gen = torch.Generator().manual_seed(seed)
+    phi = (0.5 + torch.rand(shape[-1], generator=gen)).to(dtype).to(DEVICE).reshape(1, 1, -1)
+    nu = (0.1 * torch.randn(shape[-1], generator=gen)).to(DEVICE)
+    mask = _mask(shape[0], shape[1], seed).bool()[..., None] if masked else None
+    weight, bias = weight.reshape(phi.shape), bias.reshape(phi.shape)
+    plan = dispatch.Plan(
+        "channels",
+        (shape[0] * shape[1], shape[2], 1),
+        mask_view=None if mask is None else (shape[0] * shape[1], 1),
+        mask_channel_axes=(2,),
+    )
+    return x, dy, weight, bias, phi, nu, mask, plan
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_power_norm_matches_numba(masked):
+    """Forward and the approximate backward (dx, dweight, dbias, new nu) as the Numba
+    kernel computes them, which its own tests check against the reference."""
+    x, dy, weight, bias, phi, nu, mask, plan = _power_inputs((4, 9, 6), torch.float32, masked, 9)
+    y = power_norm.power_norm_forward(plan, x, weight, bias, phi, EPS)
+    _close(y, _np(power_norm_op._numba_forward(plan, x, weight, bias, phi, EPS)), tol(x.dtype), "y")
+    args = (plan, dy, x, weight, bias, phi, nu, EPS, 0.9, mask)
+    got = power_norm.power_norm_backward(*args)
+    want = power_norm_op._numba_backward(*args)
+    for g, w, name in zip(got, want, ("dx", "dweight", "dbias", "nu"), strict=True):
+        assert g.shape == w.shape
+        _close(g, _np(w), grad_tol(torch.float32), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_power_norm_matches_reference(dtype):
+    x, dy, weight, bias, phi, nu, mask, plan = _power_inputs((3, 7, 5), dtype, True, 10)
+    y = power_norm.power_norm_forward(plan, x, weight, bias, phi, EPS)
+    assert y.dtype == dtype
+    _close(
+        y, ref.power_norm_forward(_np(x), _np(phi), _np(weight), _np(bias), EPS), tol(dtype), "y"
+    )
+    got = power_norm.power_norm_backward(plan, dy, x, weight, bias, phi, nu, EPS, 0.9, mask)
+    want = ref.power_norm_backward(
+        _np(dy), _np(x), _np(phi), _np(nu), _np(weight), _np(bias), EPS, 0.9, mask=_np(mask[..., 0])
+    )
+    for g, w, name in zip(got, want, ("dx", "dweight", "dbias", "nu"), strict=True):
+        _close(g, np.reshape(w, g.shape), grad_tol(dtype), name)
+
+
+# --- determinism ---------------------------------------------------------------------------
+
+
+def test_two_runs_are_bit_identical():
+    """Fixed spans and fixed merge order, no atomics: the same bits every run."""
+    shape = (23, 6, 1)
+    x, dy, weight, bias = _data(shape, torch.float32, 11, shape[1])
+    mask = _mask(shape[0], 1, 11)
+
+    def run():
+        y, mean, var, rstd, count = channels.batch_norm_train(x, weight, bias, EPS, mask)
+        grads = channels.batch_norm_backward(dy, x, weight, mean, rstd, mask, count, False)
+        gx = x.reshape(shape[0], 6, 1)
+        gy, gmean, _, grstd = groups.group_norm_forward(gx, weight, bias, 2, EPS, None)
+        ggrads = groups.group_norm_backward(dy, gx, weight, gmean, grstd, 2, None)
+        return (y, mean, var, *grads, gy, gmean, *ggrads)
+
+    for first, second in zip(run(), run(), strict=True):
+        assert torch.equal(first, second)
