@@ -149,7 +149,7 @@ def _composite_forward(eps, mask, mean=None, var=None):
 
 def _gradients(ctx, dy, x, weight, bias, mean, rstd, mask, count, stats_given):
     dx, dweight, dbias = batch_norm_backward(
-        ctx.traced, dy.contiguous(), x, weight, mean, rstd, mask, count, stats_given
+        ctx, dy.contiguous(), x, weight, mean, rstd, mask, count, stats_given
     )
     needs = ctx.needs_input_grad
     return (

@@ -9,12 +9,17 @@ family has a Triton kernel, a CUDA one (``cuda_impl``). Which one runs is decide
 from the first tensor argument (x, or dy for a backward) by ``runs_triton``:
 
 - a CUDA tensor runs ``cuda_impl`` (Triton);
-- a CPU tensor runs the Numba ``impl``, except when the backend in force at the call is
-  "triton" (``normlab.backends.use("triton")``; ``normlab.ops.dispatch`` allows that on CPU
-  only with ``TRITON_INTERPRET=1``): then ``cuda_impl`` runs, in Triton's interpreter. This
-  is how the whole module -> functional -> op -> Triton path is tested without a GPU. The
-  rule is read when the op executes, so a graph compiled under ``use("triton")`` on CPU and
-  run outside it runs Numba (same numbers, to the tolerances).
+- a CPU tensor runs the Numba ``impl``, except when the backend in force at the forward
+  call is "triton" (``normlab.backends.use("triton")``; ``normlab.ops.dispatch`` allows that
+  on CPU only with ``TRITON_INTERPRET=1``): then ``cuda_impl`` runs, in Triton's
+  interpreter. This is how the whole module -> functional -> op -> Triton path is tested
+  without a GPU.
+
+In eager mode the forward records its choice in ``ctx.triton`` and the backward follows it
+(``loss.backward()`` may run outside the ``use("triton")`` block). In a compiled graph each
+op decides when it executes, so a graph compiled under ``use("triton")`` on CPU and run
+outside it runs Numba (same numbers, to the tolerances; float16/bfloat16 CPU input then
+fails: the interpreted path is a test device, not a CPU backend).
 
 Statistics dtype: float64 for CPU tensors, float32 for CUDA tensors (``stats_dtype``), the
 same for every implementation, so the fake (meta) implementations can say which from the
@@ -32,7 +37,7 @@ Wiring a family (what ``fused_rows`` does)::
     op_backward = backward_op("op_backward", _numba_backward, _fake, cuda_impl=_cuda_backward)
     op = fused_op("op", _numba_forward, _fake, _setup, _backward, cuda_impl=_cuda_forward)
 
-and in ``_backward``: ``op_backward(ctx.traced, dy, ...)``. Fakes allocate statistics with
+and in ``_backward``: ``op_backward(ctx, dy, ...)``. Fakes allocate statistics with
 ``fake_stats``. Then add the layout to ``dispatch.TRITON_LAYOUTS``.
 """
 
@@ -152,14 +157,16 @@ def fused_op(
     Returns a function that runs the custom op while ``torch.compile`` traces (so the graph
     holds one opaque op and no graph break) and the twin otherwise: the custom-op dispatcher
     costs about 100 us a call in eager mode, more than the kernel on small inputs. In
-    ``backward``, ``ctx.traced`` tells which of the two recorded the graph (call the
-    backward custom op when traced, its implementation when not)."""
+    ``backward``, ``ctx.traced`` tells which of the two recorded the graph and, in eager
+    mode, ``ctx.triton`` which implementation the forward ran; a ``BackwardOp`` called with
+    ``ctx`` follows both."""
     op = _custom_op(name, impl, fake, cuda_impl)
-    implementation = _device_switch(impl, cuda_impl)
 
     def setup_context(traced):
         def set_up(ctx, inputs, output):
             ctx.traced = traced
+            if traced:
+                ctx.triton = None  # each op of the compiled graph decides when it runs
             ctx.mark_non_differentiable(*output[differentiable_outputs:])
             setup(ctx, inputs, output)
 
@@ -170,7 +177,8 @@ def fused_op(
     set_up_eager = setup_context(False)
 
     def forward(ctx, *args):  # ctx-style forward: no per-call signature binding
-        output = implementation(*args)
+        ctx.triton = cuda_impl is not None and runs_triton(args[0])
+        output = (cuda_impl if ctx.triton else impl)(*args)
         set_up_eager(ctx, args, output)
         return output
 
@@ -192,16 +200,19 @@ def fused_op(
 
 class BackwardOp:
     """A backward kernel both ways: ``op``, the custom op ``normlab::<name>`` that compiled
-    graphs record, and ``eager``, the implementation for the device called directly.
-    ``backward(ctx.traced, *args)`` calls the one matching how the forward ran."""
+    graphs record, and its implementations called directly (eager). ``backward(ctx, *args)``
+    calls the one matching how the forward ran: the op when ``ctx.traced``, else the
+    Triton implementation if the forward ran Triton (``ctx.triton``), else the Numba one."""
 
     def __init__(self, name: str, impl, fake, cuda_impl=None):
         self.op = _custom_op(name, impl, fake, cuda_impl)
-        self.eager = _device_switch(impl, cuda_impl)
+        self.impl, self.cuda_impl = impl, cuda_impl
         self.__doc__ = impl.__doc__
 
-    def __call__(self, traced: bool, *args):
-        return (self.op if traced else self.eager)(*args)
+    def __call__(self, ctx, *args):
+        if ctx.traced:
+            return self.op(*args)
+        return (self.cuda_impl if ctx.triton else self.impl)(*args)
 
 
 def backward_op(name: str, impl, fake, cuda_impl=None) -> BackwardOp:

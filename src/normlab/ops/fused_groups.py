@@ -128,7 +128,7 @@ def _backward(ctx, dy, _dmean, _dvar, _drstd):
         grads = differentiable_backward(ctx, dy, forward, (x, weight, bias))
         return (*grads, None, None, None)
     dx, dweight, dbias = group_norm_backward(
-        ctx.traced, dy.contiguous(), x, weight, mean, rstd, ctx.groups, mask
+        ctx, dy.contiguous(), x, weight, mean, rstd, ctx.groups, mask
     )
     needs = ctx.needs_input_grad
     return (
