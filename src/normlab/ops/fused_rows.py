@@ -1,6 +1,7 @@
 """LayerNorm / RMSNorm over rows, and the fused residual add, as torch custom ops on the
-Numba kernels of ``normlab.kernels.cpu.rows``. x arrives as a contiguous (rows, features)
-view; weight and bias as (features,) or None."""
+Numba kernels of ``normlab.kernels.cpu.rows`` (CPU) and the Triton kernels of
+``normlab.kernels.gpu.rows`` (CUDA; see ``fused_common`` for which runs). x arrives as a
+contiguous (rows, features) view; weight and bias as (features,) or None."""
 
 import torch
 
@@ -14,6 +15,7 @@ from normlab.ops.fused_common import (
     launch,
     param,
     stats,
+    stats_dtype,
 )
 
 
@@ -104,6 +106,48 @@ def _row_norm_backward(
     return dx, dweight, dbias
 
 
+def _gpu_rows():
+    from normlab.kernels.gpu import rows
+
+    return rows
+
+
+def _cuda_row_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    center: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_row_norm`` on the Triton kernel (float32 statistics, as ``stats_dtype(x)``)."""
+    y, mean, rstd = _gpu_rows().row_norm_forward(x, weight, bias, eps, center)
+    return y, mean.to(stats_dtype(x)), rstd.to(stats_dtype(x))
+
+
+def _cuda_add_row_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    center: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, total, mean, rstd = _gpu_rows().add_row_norm_forward(x, residual, weight, bias, eps, center)
+    return y, total, mean.to(stats_dtype(x)), rstd.to(stats_dtype(x))
+
+
+def _cuda_row_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    center: bool,
+    extra: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gpu_rows().row_norm_backward(dy, x, weight, mean, rstd, center, extra)
+
+
 def _fake_stats(x):
     return fake_stats(x.shape[0], x)
 
@@ -121,7 +165,9 @@ def _fake_backward(dy, x, weight, mean, rstd, center, extra):
     return torch.empty_like(x), x.new_empty(n), x.new_empty(n)
 
 
-row_norm_backward = backward_op("row_norm_backward", _row_norm_backward, _fake_backward)
+row_norm_backward = backward_op(
+    "row_norm_backward", _row_norm_backward, _fake_backward, cuda_impl=_cuda_row_norm_backward
+)
 
 
 def _composite_forward(eps, center):
@@ -134,7 +180,7 @@ def _composite_forward(eps, center):
 
 def _gradients(ctx, dy, x, extra, weight, bias, mean, rstd, needs_weight, needs_bias):
     dx, dweight, dbias = row_norm_backward(
-        ctx.traced, dy.contiguous(), x, weight, mean, rstd, ctx.center, extra
+        ctx, dy.contiguous(), x, weight, mean, rstd, ctx.center, extra
     )
     return (
         dx,
@@ -191,7 +237,15 @@ def _add_backward(ctx, dy, dtotal, _dmean, _drstd):
     return dx, dx, dweight, dbias, None, None
 
 
-row_norm = fused_op("row_norm", _row_norm, _fake_row_norm, _setup, _backward)
+row_norm = fused_op(
+    "row_norm", _row_norm, _fake_row_norm, _setup, _backward, cuda_impl=_cuda_row_norm
+)
 add_row_norm = fused_op(
-    "add_row_norm", _add_row_norm, _fake_add_row_norm, _add_setup, _add_backward, 2
+    "add_row_norm",
+    _add_row_norm,
+    _fake_add_row_norm,
+    _add_setup,
+    _add_backward,
+    2,
+    cuda_impl=_cuda_add_row_norm,
 )
