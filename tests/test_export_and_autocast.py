@@ -108,6 +108,7 @@ class EveryNorm(torch.nn.Module):
         self.renorm = normlab.BatchRenorm1d(c)
         self.sync = normlab.SyncBatchNorm(c).eval()
         self.power_eval = normlab.PowerNorm(f).eval()
+        self.power = normlab.PowerNorm(f, warmup_iters=1)  # one warmup step, then approximate
         self.w = torch.nn.Parameter(torch.randn(f))
         self.b = torch.nn.Parameter(torch.randn(f))
 
@@ -121,6 +122,7 @@ class EveryNorm(torch.nn.Module):
         y = self.renorm(y)
         y = self.sync(y)
         y = self.power_eval(y)
+        y = self.power(y, lengths=lengths)
         y, s = F.add_layer_norm(y, residual, 6, self.w, self.b)
         z, s2 = F.add_rms_norm(y, s, 6, self.w)
         return z + s2
@@ -216,17 +218,34 @@ def test_compile_fullgraph_power_norm_during_warmup_matches_eager():
     assert not torch.equal(state["eager"][3], torch.ones(6))
 
 
-@pytest.mark.parametrize("warmup_iters", [0, 10000], ids=["after_warmup", "in_warmup"])
-def test_compile_power_norm_module_training_matches_eager(warmup_iters):
-    """PowerNorm in training is not fullgraph (see the module's step counter), but compiled
-    with graph breaks it gives the eager outputs, gradients and buffers."""
-    model = _randomise(torch.nn.Sequential(normlab.PowerNorm(6, warmup_iters=warmup_iters)))
+class PowerNormNet(torch.nn.Module):
+    """A Linear before PowerNorm, so that the approximate backward (and nu) reaches a
+    parameter's gradient; optionally masked."""
+
+    def __init__(self, warmup_iters: int, masked: bool):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 6)
+        self.power = normlab.PowerNorm(6, warmup_iters=warmup_iters)
+        self.masked = masked
+
+    def forward(self, x, lengths):
+        return self.power(self.linear(x), lengths=lengths if self.masked else None)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("warmup_iters", [0, 2, 10000], ids=["after", "crossing", "in_warmup"])
+def test_compile_fullgraph_power_norm_training_matches_eager(warmup_iters, masked, compiler):
+    """PowerNorm in training, warmup or not, and across the end of warmup, compiles as one
+    graph and gives the eager outputs, gradients, running_phi, nu and step count."""
+    model = _randomise(PowerNormNet(warmup_iters, masked))
     compiled_model = copy.deepcopy(model)
-    x = torch.randn(4, 8, 6)
+    inputs = (torch.randn(4, 8, 6), torch.tensor([8, 7, 5, 3]))
     torch._dynamo.reset()
-    compiled = torch.compile(compiled_model, backend="aot_eager")
-    _assert_same_run(model, compiled_model, _run(model, (x,), 3), _run(compiled, (x,), 3))
-    assert int(compiled_model[0].num_batches_tracked) == 3
+    compiled = torch.compile(compiled_model, backend=compiler, fullgraph=True)
+    _assert_same_run(model, compiled_model, _run(model, inputs, 4), _run(compiled, inputs, 4))
+    assert int(compiled_model.power.num_batches_tracked) == 4
+    assert compiled_model.power.running_grad_stat.abs().sum() > 0 or warmup_iters >= 4
 
 
 def test_compile_fullgraph_graph_holds_the_custom_ops():

@@ -13,6 +13,7 @@ from normlab.functional.statistics import (
 )
 from normlab.kernels import composite
 from normlab.ops import normalize, power_norm_approx
+from normlab.ops.power_norm_train import power_norm_train
 
 
 def power_norm(
@@ -101,6 +102,65 @@ def power_norm(
         )
     if isinstance(count, int) and count < 2:  # empty batch: nothing to learn from
         return y
+    with torch.no_grad():
+        running_phi.lerp_(batch_phi.reshape(-1).to(running_phi.dtype), momentum)
+    return y
+
+
+def power_norm_train_step(
+    input: torch.Tensor,
+    running_phi: torch.Tensor,
+    running_grad_stat: torch.Tensor,
+    num_batches_tracked: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    warmup_iters: int,
+    alpha_fwd: float,
+    alpha_bkw: float,
+    eps: float,
+    dim: int = -1,
+    *,
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One training step of :class:`~normlab.PowerNorm` with the warmup decision taken from
+    the tensor ``num_batches_tracked`` (already incremented) instead of a Python int, so
+    that ``torch.compile(fullgraph=True)`` traces it as one graph (``power_norm_train``).
+    Same numbers as ``power_norm(..., training=True, momentum=1/step or 1 - alpha_fwd,
+    warmup=step <= warmup_iters)``."""
+    fn = "power_norm"
+    norm_axes, mask = prepare_channel_norm(
+        fn,
+        input,
+        dim,
+        mask,
+        lengths,
+        running_phi=running_phi,
+        running_grad_stat=running_grad_stat,
+        weight=weight,
+        bias=bias,
+    )
+    shape = norm_axes.param_shape(input.shape)
+    weight, bias = as_param(weight, shape), as_param(bias, shape)
+    count = real_count(input, norm_axes.reduction, mask)
+    check_enough_values(count, input, fn=fn, per="channel", masked=mask is not None)
+    y, batch_phi, _ = power_norm_train(
+        input,
+        weight,
+        bias,
+        running_phi.detach().reshape(shape),
+        running_grad_stat,
+        num_batches_tracked,
+        warmup_iters,
+        list(norm_axes.reduction),
+        eps,
+        alpha_bkw,
+        mask,
+    )
+    if isinstance(count, int) and count < 2:  # empty batch: nothing to learn from
+        return y
+    step = num_batches_tracked.to(running_phi.dtype)
+    momentum = torch.where(num_batches_tracked <= warmup_iters, 1.0 / step, 1.0 - alpha_fwd)
     with torch.no_grad():
         running_phi.lerp_(batch_phi.reshape(-1).to(running_phi.dtype), momentum)
     return y

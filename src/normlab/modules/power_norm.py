@@ -7,6 +7,7 @@ from torch import nn
 
 from normlab import functional as F
 from normlab.axes import normalize_axis
+from normlab.functional.power import power_norm_train_step
 from normlab.modules.affine import register_affine, reset_affine
 
 
@@ -100,6 +101,23 @@ class PowerNorm(nn.Module):
             raise ValueError(
                 f"expected input's size at dim={self.dim} to match num_features "
                 f"({self.num_features}), got input of shape {list(input.shape)}"
+            )
+        if self.training and torch.compiler.is_compiling():  # one graph: no int(tensor)
+            self.num_batches_tracked.add_(1)
+            return power_norm_train_step(
+                input,
+                self.running_phi,
+                self.running_grad_stat,
+                self.num_batches_tracked,
+                self.weight,
+                self.bias,
+                self.warmup_iters,
+                self.alpha_fwd,
+                self.alpha_bkw,
+                self.eps,
+                self.dim,
+                mask=mask,
+                lengths=lengths,
             )
         warmup, factor = False, 0.0
         if self.training:

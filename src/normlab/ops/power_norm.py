@@ -14,55 +14,63 @@ from normlab.ops import dispatch
 from normlab.ops.fused_common import array, launch, mask_array
 
 
+def _plan(x, weight, bias, phi, reduction_dims, mask):
+    """The Numba channels plan for this call, or None for the composite."""
+    plan = dispatch.choose(x, weight, bias, reduction_dims, True, phi, phi, mask)
+    # The fused path is the Numba channels kernel; a Triton plan runs the composite.
+    if plan is not None and (plan.layout != "channels" or plan.kernel != "numba"):
+        return None
+    return plan
+
+
+def power_norm_approx_forward(x, weight, bias, phi, reduction_dims, eps, mask):
+    """y = weight * x / sqrt(phi + eps) + bias (Numba channels kernel or composite)."""
+    plan = _plan(x, weight, bias, phi, reduction_dims, mask)
+    if plan is not None:
+        return _numba_forward(plan, x, weight, bias, phi, eps)
+    return kernel.power_norm_forward(x, weight, bias, phi, eps)
+
+
+def power_norm_approx_backward(dy, x, weight, bias, phi, nu, reduction_dims, eps, alpha_bkw, mask):
+    """(dx, dweight, dbias) of the approximate backward (None for an absent parameter);
+    updates ``nu`` in place."""
+    plan = _plan(x, weight, bias, phi, reduction_dims, mask)
+    if plan is not None:
+        dx, dweight, dbias, new_nu = _numba_backward(
+            plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask
+        )
+    else:
+        dx, dweight, dbias, new_nu = kernel.power_norm_backward(
+            dy, x, weight, bias, phi, nu.reshape(phi.shape), reduction_dims, eps, alpha_bkw, mask
+        )
+    with torch.no_grad():
+        nu.copy_(new_nu.reshape(nu.shape).to(nu.dtype))
+    return dx, dweight, dbias
+
+
 class _PowerNormApprox(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, phi, nu, reduction_dims, eps, alpha_bkw, mask):
         ctx.save_for_backward(x, weight, bias, phi, mask)
         ctx.nu = nu  # the buffer the backward updates
         ctx.config = (reduction_dims, eps, alpha_bkw)
-        ctx.plan = dispatch.choose(x, weight, bias, reduction_dims, True, phi, phi, mask)
-        # The fused path is the Numba channels kernel; a Triton plan runs the composite.
-        if ctx.plan is not None and (ctx.plan.layout != "channels" or ctx.plan.kernel != "numba"):
-            ctx.plan = None
-        if ctx.plan is not None:
-            return _numba_forward(ctx.plan, x, weight, bias, phi, eps)
-        return kernel.power_norm_forward(x, weight, bias, phi, eps)
+        return power_norm_approx_forward(x, weight, bias, phi, reduction_dims, eps, mask)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, bias, phi, mask = ctx.saved_tensors
         reduction_dims, eps, alpha_bkw = ctx.config
-        nu = ctx.nu
-        if ctx.plan is not None:
-            dx, dweight, dbias, new_nu = _numba_backward(
-                ctx.plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask
-            )
-            with torch.no_grad():
-                nu.copy_(new_nu.reshape(nu.shape).to(nu.dtype))
-            needs = ctx.needs_input_grad
-            return (
-                dx if needs[0] else None,
-                dweight if needs[1] else None,
-                dbias if needs[2] else None,
-                *(None,) * 6,
-            )
-        dx, dweight, dbias, new_nu = kernel.power_norm_backward(
-            dy,
-            x,
-            weight,
-            bias,
-            phi,
-            nu.reshape(phi.shape),
-            reduction_dims,
-            eps,
-            alpha_bkw,
-            mask,
-            ctx.needs_input_grad[:3],
+        dx, dweight, dbias = power_norm_approx_backward(
+            dy, x, weight, bias, phi, ctx.nu, reduction_dims, eps, alpha_bkw, mask
         )
-        with torch.no_grad():
-            nu.copy_(new_nu.reshape(nu.shape))
-        return dx, dweight, dbias, None, None, None, None, None, None
+        needs = ctx.needs_input_grad
+        return (
+            dx if needs[0] else None,
+            dweight if needs[1] else None,
+            dbias if needs[2] else None,
+            *(None,) * 6,
+        )
 
 
 def _rstd(phi, eps):
