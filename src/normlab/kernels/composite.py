@@ -1,8 +1,10 @@
 """The normalization in plain torch operations: forward and its hand-derived backward.
 
 Works on any device, dtype and memory layout. Statistics are accumulated in float32 for
-half and bfloat16 input (float64 for float64 input); the output has the input's dtype.
-The math is the reference's (``normlab.reference.core``), term for term.
+float32, half and bfloat16 input (float64 for float64 input); the output has the input's
+dtype. The math is the reference's (``normlab.reference.core``), term for term, with one
+refinement: below float64 the mean is carried in float64 (``moments``, ``deviation``), so a
+large mean with a small spread (1e4 + 1e-3 noise) is centred as exactly as by the kernels.
 """
 
 from __future__ import annotations
@@ -24,12 +26,33 @@ def mask_count(mask: torch.Tensor, shape, reduction_dims: tuple[int, ...]) -> to
     return torch.broadcast_to(mask, full).sum(dim=reduction_dims, keepdim=True)
 
 
+def deviation(xf: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """xf - mean in xf's dtype. A float64 ``mean`` of lower-precision ``xf`` is subtracted
+    as two terms, its rounding hi and the rest lo: xf - hi is exact for values near the
+    mean, so the deviations keep the float64 mean's accuracy (subtracting the mean rounded
+    to float32 would shift them all by up to half an ulp of |mean|: 5e-4 at 1e4)."""
+    if mean.dtype == xf.dtype:
+        return xf - mean
+    hi = mean.to(xf.dtype)
+    return (xf - hi) - (mean - hi).to(xf.dtype)
+
+
 def statistics(x: torch.Tensor, reduction_dims: tuple[int, ...], center: bool, mask=None):
     """Per-group mean and biased variance (keepdim), two-pass, in the accumulation dtype.
 
     With ``mask`` (bool, broadcastable to x; True = real) only real elements count: the sums
     are weighted by the mask and divided by the real count. x is read in place, not gathered.
     """
+    _, mean, var = centred_moments(x, reduction_dims, center, mask)
+    return mean.to(var.dtype), var
+
+
+def centred_moments(x: torch.Tensor, reduction_dims: tuple[int, ...], center: bool, mask=None):
+    """(x - mean, mean, var): ``statistics`` and the deviations, in the accumulation dtype.
+
+    Below float64 the mean is returned in float64: the accumulation-dtype mean plus the mean
+    of the deviations from it, which recovers its rounding (see ``deviation``); the variance
+    and the returned deviations are taken from that corrected mean."""
     acc = accumulation_dtype(x.dtype)
     xf = x.to(acc)
     if mask is None:
@@ -43,25 +66,33 @@ def statistics(x: torch.Tensor, reduction_dims: tuple[int, ...], center: bool, m
         def mean_r(t):  # select, not multiply: NaN/Inf in padding must not leak in
             return torch.where(mask, t, 0).sum(dim=reduction_dims, keepdim=True) / count
 
-    if center:
-        mean = mean_r(xf)
-        var = mean_r((xf - mean).square())
-    else:
+    if not center:
         var = mean_r(xf.square())
-        mean = torch.zeros((), dtype=acc, device=x.device).expand(var.shape)
-    return mean, var
+        return xf, torch.zeros((), dtype=acc, device=x.device).expand(var.shape), var
+    mean = mean_r(xf)
+    centred = xf - mean
+    if acc != torch.float64:
+        rest = mean_r(centred)
+        centred = centred - rest
+        mean = mean.double() + rest.double()
+    return centred, mean, mean_r(centred.square())
 
 
 def normalize_forward(x, weight, bias, reduction_dims, eps, center, mean=None, var=None, mask=None):
     """Returns (y, mean, rstd, var). ``weight``/``bias`` broadcast against ``x`` (or None);
     ``mean``/``var`` are used as given when both are passed (BatchNorm eval); ``mask``
-    restricts the statistics to real elements (every element is normalized)."""
-    if mean is None or var is None:
-        mean, var = statistics(x, reduction_dims, center, mask)
+    restricts the statistics to real elements (every element is normalized). A computed
+    mean is float64 below float64 input (``centred_moments``): pass it on to
+    ``normalize_backward`` as it is."""
     acc = accumulation_dtype(x.dtype)
-    mean, var = mean.to(acc), var.to(acc)
+    if mean is None or var is None:
+        centred, mean, var = centred_moments(x, reduction_dims, center, mask)
+    else:
+        mean = mean if mean.dtype == torch.float64 else mean.to(acc)
+        var = var.to(acc)
+        centred = deviation(x.to(acc), mean)
     rstd = torch.rsqrt(var + eps)
-    y = (x.to(acc) - mean) * rstd
+    y = centred * rstd
     if weight is not None:
         y = y * weight.to(acc)
     if bias is not None:
@@ -90,7 +121,7 @@ def normalize_backward(
     """
     acc = accumulation_dtype(x.dtype)
     dyf = dy.to(acc)
-    xhat = (x.to(acc) - mean) * rstd
+    xhat = deviation(x.to(acc), mean) * rstd
     g = dyf if weight is None else dyf * weight.to(acc)
 
     dx = None

@@ -31,6 +31,7 @@ class _Normalize(torch.autograd.Function):
         )
         ctx.save_for_backward(x, weight, bias, mean, rstd, var if stats_given else None, mask)
         ctx.config = (reduction_dims, eps, center, stats_given)
+        mean = mean.to(var.dtype)  # the float64 mean stays for the backward only
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
