@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from normlab import reference as ref
-from normlab.kernels.gpu import channels, groups, power_norm
+from normlab.kernels.gpu import channels, groups, moments, power_norm
 from normlab.ops import dispatch
 from normlab.ops import power_norm as power_norm_op
 from tolerances import grad_tol, tol
@@ -36,6 +36,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(channels, "TILE", 16)
     monkeypatch.setattr(channels, "MAX_TILE_CHANNELS", 4)
     monkeypatch.setattr(channels, "PARTIAL_TILES", 2)
+    monkeypatch.setattr(moments, "COLUMN_BLOCK_ROWS", 2)
 
 
 def _data(shape, dtype, seed, params, loc=0.5, scale=2.0):
@@ -110,11 +111,30 @@ def test_masked_instance_norm_matches_reference(dtype):
         _close(got, expected, grad_tol(dtype), name)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_group_norm_large_mean(masked):
+    """x = 1e4 + 1e-3 noise in float32: moments of x minus a pivot keep y exact, and the
+    backward recovers what the float32 mean lost."""
+    shape = (2, 4, 19)
+    x, dy, weight, bias = _data(shape, torch.float32, 12, shape[1], loc=1e4, scale=1e-3)
+    mask = _mask(shape[0], shape[2], 12) if masked else None
+    if mask is not None:  # zeros in the padding, first: the pivot must be a real value
+        mask[:, 0] = 0
+        x = x.masked_fill((mask == 0)[:, None, :], 0.0)
+    y, mean, _, rstd = groups.group_norm_forward(x, weight, bias, 2, EPS, mask)
+    args = (_np(x), 2, _np(weight), _np(bias), EPS, _np(mask))
+    _close(y, ref.group_norm(*args), tol(torch.float32), "y")
+    grads = groups.group_norm_backward(dy, x, weight, mean, rstd, 2, mask)
+    for got, want in zip(grads, ref.group_norm_backward(_np(dy), *args), strict=True):
+        _close(got, want, grad_tol(torch.float32), "gradient")
+
+
 def test_group_norm_ignores_nan_in_padding():
     """NaN in padded positions (where dy = 0) enters neither statistics nor gradients."""
     shape = (2, 6, 9)
     x, dy, weight, bias = _data(shape, torch.float32, 3, shape[1])
     mask = _mask(shape[0], shape[2], 3)
+    mask[:, 0] = 0  # padding first: the pivot must come from a real position
     pad = (mask == 0)[:, None, :].expand(shape)
     clean = x.masked_fill(pad, 0.0)
     dirty, dy = x.masked_fill(pad, float("nan")), dy.masked_fill(pad, 0.0)
@@ -189,6 +209,9 @@ def test_batch_norm_large_mean(shape, masked):
     (rounded by up to half the noise) lost."""
     x, dy, weight, bias = _data(shape, torch.float32, 6, shape[1], loc=1e4, scale=1e-3)
     mask = _mask(shape[0], shape[2], 6) if masked else None
+    if mask is not None:  # zeros in the padding, first: the pivot must be a real value
+        mask[0] = 0
+        x = x.masked_fill((mask == 0)[:, None, :], 0.0)
     assert channels.layout(shape).partials > 2
     y, mean, var, rstd, count = channels.batch_norm_train(x, weight, bias, EPS, mask)
     ref_y, ref_grads = _bn_reference(x, dy, weight, bias, mask)

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 
 FLOAT32_MAX = 3.4028234663852886e38
+# Rows of partial sums a column-sum program adds per step.
+COLUMN_BLOCK_ROWS = 64
 
 
 @triton.jit
@@ -64,12 +66,12 @@ def _column_sums_kernel(
     tl.store(out_ptr + cs, total.to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
-def column_sums(parts: torch.Tensor, out: torch.Tensor, block_rows: int = 64) -> torch.Tensor:
+def column_sums(parts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[j] = sum_i parts[i, j] (float32 ``parts``, contiguous), in a fixed order: the
     same bits every run. Written into ``out`` (any float dtype), which is returned."""
     rows, cols = parts.shape
     block_cols = min(triton.next_power_of_2(max(cols, 1)), 128)
-    block_rows = min(block_rows, triton.next_power_of_2(max(rows, 1)))
+    block_rows = min(COLUMN_BLOCK_ROWS, triton.next_power_of_2(max(rows, 1)))
     grid = (triton.cdiv(cols, block_cols),)
     _column_sums_kernel[grid](parts, out, rows, cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     return out
