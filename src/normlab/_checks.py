@@ -3,6 +3,7 @@ expected and what came, before any computation starts."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +26,10 @@ def check_param(
         raise TypeError(
             f"{fn}: {argument} must be a torch.Tensor or None, got {type(param).__name__}"
         )
+    if not param.is_floating_point():
+        raise TypeError(
+            f"{fn}: {argument} must be a floating-point tensor or None, got dtype {param.dtype}"
+        )
     if tuple(param.shape) != tuple(shape):
         raise ValueError(
             f"{fn}: {argument} must have shape {tuple(shape)}, got {tuple(param.shape)}"
@@ -37,3 +42,21 @@ def check_min_ndim(x: torch.Tensor, ndim: int, *, fn: str, layout: str) -> None:
             f"{fn}: expected input of at least {ndim} dimensions {layout}, "
             f"got shape {tuple(x.shape)}"
         )
+
+
+def check_real(value, *, fn: str, argument: str) -> None:
+    """A float argument (eps, momentum...): a real number or a one-element real tensor, what
+    torch.nn.functional takes (a string, complex or None is not silently converted)."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not value.is_complex()
+    else:
+        ok = isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt))
+    if not ok:
+        raise TypeError(
+            f"{fn}: {argument} must be a real number, got {type(value).__name__} {value!r}"
+        )
+
+
+def check_reals(fn: str, **values) -> None:
+    for argument, value in values.items():
+        check_real(value, fn=fn, argument=argument)

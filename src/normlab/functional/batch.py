@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
+from normlab._checks import check_reals
 from normlab.functional.statistics import (
     as_param,
     check_enough_values,
@@ -131,6 +132,7 @@ def batch_norm(
         weight=weight,
         bias=bias,
     )
+    check_reals(fn, eps=eps, momentum=momentum)
     if not training:
         return _eval(
             fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
@@ -186,6 +188,7 @@ def batch_renorm(
         weight=weight,
         bias=bias,
     )
+    check_reals(fn, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max)
     if running_mean is None or running_var is None:
         raise ValueError(
             f"{fn}: running_mean and running_var are required (the correction r, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_floating, check_min_ndim
+from normlab._checks import check_floating, check_min_ndim, check_real
 from normlab.functional.statistics import (
     as_param,
     check_channel_params,
@@ -34,6 +34,7 @@ def group_norm(
     fn = "group_norm"
     check_floating(input, fn=fn)
     check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
+    check_real(eps, fn=fn, argument="eps")
     channels = input.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_floating, check_min_ndim
+from normlab._checks import check_floating, check_min_ndim, check_reals
 from normlab.functional.statistics import (
     as_param,
     check_channel_params,
@@ -39,6 +39,7 @@ def instance_norm(
     fn = "instance_norm"
     check_floating(input, fn=fn)
     check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
+    check_reals(fn, eps=eps, momentum=momentum)
     norm_axes = _axes.instance_norm_axes(input.dim())
     num_features = input.shape[1]
     check_channel_params(

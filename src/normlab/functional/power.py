@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from normlab._checks import check_reals
 from normlab.functional.statistics import (
     as_param,
     check_enough_values,
@@ -64,6 +65,7 @@ def power_norm(
     for name, buffer in (("running_phi", running_phi), ("running_grad_stat", running_grad_stat)):
         if buffer is None:
             raise ValueError(f"{fn}: {name} is required, got None")
+    check_reals(fn, eps=eps, momentum=momentum, alpha_bkw=alpha_bkw)
     shape = norm_axes.param_shape(input.shape)
     weight, bias = as_param(weight, shape), as_param(bias, shape)
     if not training:

@@ -75,7 +75,10 @@ def _bn_axes_and_mask(x, dim, mask):
 
 def _virtual_batches(x, mask, virtual_batch_size, *arrays):
     """Split x (and mask, dy, ... along axis 0) into consecutive virtual batches."""
-    size = np.shape(x)[0] if virtual_batch_size is None else virtual_batch_size
+    if virtual_batch_size is None:  # one batch, whole: the mask's axis 0 may be a channel's
+        yield (np.asarray(x), mask, *(np.asarray(a) for a in arrays))
+        return
+    size = virtual_batch_size
     for start in range(0, np.shape(x)[0], size):
         rows = slice(start, start + size)
         part_mask = None

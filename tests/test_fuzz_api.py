@@ -1,0 +1,73 @@
+"""A bounded fuzz of the public API (rules and campaign script in tests/fuzz_api.py), and
+regression tests for what fuzzing found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+
+import normlab.reference as ref
+import strategies as S
+from fuzz_api import fuzz_calls, run_call
+from normlab import functional as F
+from tolerances import grad_tol, tol
+
+# "auto" runs the Numba kernels (conftest: on inputs of any size), "composite" the rest.
+FUZZ_BACKENDS = ["auto", "composite"]
+
+
+@pytest.mark.parametrize("backend", FUZZ_BACKENDS, indirect=True)
+@S.budget(300)
+@given(case=fuzz_calls(), seed=S.seeds)
+def test_functional_api_refuses_with_documented_errors_or_matches_the_reference(
+    backend, case, seed
+):
+    fn, args = case
+    run_call(fn, args, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Found by fuzzing
+
+
+@pytest.mark.parametrize("backend", FUZZ_BACKENDS, indirect=True)
+def test_layer_norm_over_all_axes_but_one_of_size_one_runs(backend):
+    # LayerNorm over axes (0, 1) of size 1 keeps one axis (2) of size 2: a BatchNorm-like
+    # layout whose "per-channel" weight has one entry. The Numba channels kernel took it and
+    # failed reshaping the weight (RuntimeError); such parameters now go to the composite.
+    x = torch.tensor([[[0.75, 0.25]]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([[1.5]], dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor([[0.25]], dtype=torch.float64, requires_grad=True)
+    y = F.layer_norm(x, (1, 1), weight, bias, dim=(0, 1))
+    torch.testing.assert_close(y, torch.full_like(y, 0.25), **tol(torch.float64))
+    y.backward(torch.ones_like(y))
+    dx, dw, db = ref.layer_norm_backward(
+        np.ones((1, 1, 2)),
+        x.detach().numpy(),
+        (1, 1),
+        weight.detach().numpy(),
+        bias.detach().numpy(),
+        dim=(0, 1),
+    )
+    torch.testing.assert_close(x.grad, torch.from_numpy(dx), **grad_tol(torch.float64))
+    torch.testing.assert_close(weight.grad, torch.from_numpy(dw), **grad_tol(torch.float64))
+    torch.testing.assert_close(bias.grad, torch.from_numpy(db), **grad_tol(torch.float64))
+
+
+def test_reference_batch_norm_with_channels_first_and_a_mask_uses_the_whole_mask():
+    # dim=0: the mask is (L,) and its axis 0 is not the batch axis. The reference sliced it
+    # as if it were ([True] instead of [True, False, True]) and normalized with the
+    # statistics of the wrong elements.
+    x = np.array([[0.75, 0.25, 1.75]])
+    mask = np.array([True, False, True])
+    y = ref.batch_norm_train(x, dim=0, mask=mask, eps=0.0)
+    real = x[0, mask]
+    expected = (x - real.mean()) / real.std()
+    np.testing.assert_allclose(y, expected, rtol=1e-12)
+
+
+def test_reference_batch_norm_of_an_empty_batch_is_empty():
+    # The virtual-batch split used the batch size 0 as its step (range() raised).
+    assert ref.batch_norm_train(np.zeros((0, 3))).shape == (0, 3)
