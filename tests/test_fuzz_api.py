@@ -71,3 +71,45 @@ def test_reference_batch_norm_with_channels_first_and_a_mask_uses_the_whole_mask
 def test_reference_batch_norm_of_an_empty_batch_is_empty():
     # The virtual-batch split used the batch size 0 as its step (range() raised).
     assert ref.batch_norm_train(np.zeros((0, 3))).shape == (0, 3)
+
+
+SCALAR_CALLS = {
+    "layer_norm-eps": lambda v: F.layer_norm(torch.randn(2, 4), 4, eps=v),
+    "rms_norm-eps": lambda v: F.rms_norm(torch.randn(2, 4), 4, eps=v),
+    "group_norm-eps": lambda v: F.group_norm(torch.randn(2, 4, 3), 2, eps=v),
+    "instance_norm-momentum": lambda v: F.instance_norm(torch.randn(2, 4, 3), momentum=v),
+    "batch_norm-momentum": lambda v: F.batch_norm(torch.randn(4, 3), None, None, momentum=v),
+    "batch_renorm-r_max": lambda v: F.batch_renorm(
+        torch.randn(4, 3), torch.zeros(3), torch.ones(3), r_max=v
+    ),
+    "power_norm-alpha_bkw": lambda v: F.power_norm(
+        torch.randn(4, 3), torch.ones(3), torch.zeros(3), alpha_bkw=v
+    ),
+}
+
+
+@pytest.mark.parametrize("bad", ["0.1", 1 + 1j, torch.tensor([0.1, 0.2])], ids=repr)
+@pytest.mark.parametrize("call", list(SCALAR_CALLS))
+def test_float_argument_that_is_not_a_real_number_is_a_type_error_naming_it(call, bad):
+    # Found by fuzzing: eps="0.1" was accepted (float("0.1")), a complex eps or a tensor
+    # momentum failed inside the ops with Python's or torch's message.
+    fn, argument = call.split("-")
+    with pytest.raises(TypeError, match=rf"^{fn}: {argument} must be a real number, got"):
+        SCALAR_CALLS[call](bad)
+
+
+def test_float_argument_may_be_a_one_element_tensor_as_in_torch():
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(
+        F.layer_norm(x, 4, eps=torch.tensor(0.5)), F.layer_norm(x, 4, eps=0.5)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_running_statistics_and_parameters_are_a_type_error(dtype):
+    # Found by fuzzing: an int64 running_phi reached torch's lerp_ (NotImplementedError).
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match=r"power_norm: running_phi must be a floating-point"):
+        F.power_norm(x, torch.ones(3, dtype=dtype), torch.zeros(3), training=True, warmup=True)
+    with pytest.raises(TypeError, match=r"layer_norm: weight must be a floating-point"):
+        F.layer_norm(x, 3, torch.ones(3, dtype=dtype))
