@@ -41,7 +41,8 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 class NormCase:
     """One norm module in one mode.
 
-    build: ``build(dtype)`` -> the normlab module (random parameters and running statistics).
+    build: ``build(dtype, **options)`` -> the normlab module (random parameters and
+        running statistics).
     shape: the input shape; axis 0 is the batch.
     training: the module's mode.
     forward_ref / backward_ref: float64 NumPy y, and dx for an upstream dy, computed from the
@@ -55,7 +56,7 @@ class NormCase:
     """
 
     name: str
-    build: Callable[[torch.dtype], nn.Module]
+    build: Builder
     shape: tuple[int, ...]
     training: bool
     forward_ref: Callable
@@ -69,8 +70,9 @@ class NormCase:
     def with_batch(self, n: int) -> tuple[int, ...]:
         return (n, *self.shape[1:])
 
-    def make(self, dtype=torch.float32) -> nn.Module:
-        module = self.build(dtype)
+    def make(self, dtype=torch.float32, **options) -> nn.Module:
+        """The module (constructor ``options`` added to the case's own), in its mode."""
+        module = self.build(dtype, **options)
         module.train(self.training)
         return module
 
@@ -253,8 +255,20 @@ def _instance_norm_case(name, make, shape, twin):
     return NormCase(name, make, shape, True, fwd, bwd, reduced, 0, twin, running)
 
 
+@dataclass(frozen=True)
+class Builder:
+    """``Builder(cls, args, kwargs)(dtype)``: a randomized ``cls(*args, **kwargs)``."""
+
+    cls: type
+    args: tuple
+    kwargs: dict
+
+    def __call__(self, dtype=torch.float32, **options) -> nn.Module:
+        return randomize(self.cls(*self.args, dtype=dtype, **{**self.kwargs, **options}))
+
+
 def _built(cls, *args, **kwargs):
-    return lambda dtype: randomize(cls(*args, dtype=dtype, **kwargs))
+    return Builder(cls, args, kwargs)
 
 
 _CASES = [

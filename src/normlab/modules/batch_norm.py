@@ -7,6 +7,7 @@ import torch
 
 from normlab import functional as F
 from normlab.axes import normalize_axis
+from normlab.modules.arguments import check_axis, check_int
 from normlab.modules.running_stats import NormWithRunningStats
 
 
@@ -55,6 +56,9 @@ class BatchNorm(NormWithRunningStats):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
+        check_axis(type(self).__name__, "dim", dim)
+        if virtual_batch_size is not None:
+            check_int(type(self).__name__, "virtual_batch_size", virtual_batch_size, 1)
         self.dim = dim
         self.virtual_batch_size = virtual_batch_size
 

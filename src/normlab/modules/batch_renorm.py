@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from normlab import functional as F
+from normlab.modules.arguments import check_int, check_real
 from normlab.modules.batch_norm import BatchNorm, FixedRank
 
 
@@ -59,10 +62,15 @@ class BatchRenorm(BatchNorm):
         warmup_steps: int = 0,
         ramp_steps: int = 0,
     ) -> None:
+        owner = type(self).__name__
+        check_real(owner, "r_max", r_max, -math.inf, finite=False)
+        check_real(owner, "d_max", d_max, -math.inf, finite=False)
         if not r_max >= 1 or not d_max >= 0:
             raise ValueError(
-                f"expected r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}"
+                f"{owner}: expected r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}"
             )
+        check_int(owner, "warmup_steps", warmup_steps, 0)
+        check_int(owner, "ramp_steps", ramp_steps, 0)
         super().__init__(
             num_features, eps, momentum, affine, True, device, dtype, bias=bias, dim=dim
         )

@@ -7,6 +7,7 @@ from torch import nn
 
 from normlab import functional as F
 from normlab.modules.affine import register_affine, reset_affine
+from normlab.modules.arguments import check_common, check_int
 
 
 class GroupNorm(nn.Module):
@@ -35,6 +36,10 @@ class GroupNorm(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        owner = type(self).__name__
+        check_int(owner, "num_groups", num_groups, 1)
+        check_int(owner, "num_channels", num_channels, 1)
+        check_common(owner, eps=eps, dtype=dtype, affine=affine, bias=bias)
         if num_channels % num_groups != 0:
             raise ValueError(
                 f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"

@@ -10,6 +10,7 @@ from torch import nn
 from normlab import functional as F
 from normlab.axes import as_dims, as_shape
 from normlab.modules.affine import register_affine, reset_affine
+from normlab.modules.arguments import check_common, check_real
 
 
 class _FeatureNorm(nn.Module):
@@ -17,6 +18,8 @@ class _FeatureNorm(nn.Module):
 
     def __init__(self, normalized_shape, eps, elementwise_affine, bias, dim, device, dtype):
         super().__init__()
+        owner = type(self).__name__
+        check_common(owner, eps=eps, dtype=dtype, elementwise_affine=elementwise_affine, bias=bias)
         self.normalized_shape = as_shape(normalized_shape)
         self.dim = as_dims(dim, len(self.normalized_shape))
         self.eps = eps
@@ -64,6 +67,7 @@ class LayerNorm(_FeatureNorm):
         *,
         dim: int | Sequence[int] | None = None,
     ) -> None:
+        check_real(type(self).__name__, "eps", eps, 0.0)  # None is RMSNorm's only
         super().__init__(normalized_shape, eps, elementwise_affine, bias, dim, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

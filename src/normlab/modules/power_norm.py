@@ -9,6 +9,7 @@ from normlab import functional as F
 from normlab.axes import normalize_axis
 from normlab.functional.power import power_norm_train_step
 from normlab.modules.affine import register_affine, reset_affine
+from normlab.modules.arguments import check_axis, check_common, check_int, check_real
 
 
 class PowerNorm(nn.Module):
@@ -64,6 +65,13 @@ class PowerNorm(nn.Module):
         dim: int = -1,
     ) -> None:
         super().__init__()
+        owner = type(self).__name__
+        check_int(owner, "num_features", num_features, 1)
+        check_common(owner, eps=eps, dtype=dtype, affine=affine, bias=bias)
+        check_real(owner, "alpha_fwd", alpha_fwd, 0.0, 1.0)
+        check_real(owner, "alpha_bkw", alpha_bkw, 0.0, 1.0)
+        check_int(owner, "warmup_iters", warmup_iters, 0)
+        check_axis(owner, "dim", dim)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from normlab.modules.affine import register_affine, reset_affine
+from normlab.modules.arguments import check_common, check_int, check_real
 
 
 class NormWithRunningStats(nn.Module):
@@ -29,8 +30,18 @@ class NormWithRunningStats(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        owner = type(self).__name__
+        check_int(owner, "num_features", num_features, 1)
+        check_common(
+            owner,
+            eps=eps,
+            dtype=dtype,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            bias=bias,
+        )
+        if momentum is not None:  # None: the cumulative average
+            check_real(owner, "momentum", momentum, 0.0, 1.0)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
