@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+import normlab
+from normlab import backends
 from normlab import reference as ref
 from normlab.kernels.gpu import channels, groups, moments, power_norm
 from normlab.ops import dispatch
@@ -319,3 +321,121 @@ def test_two_runs_are_bit_identical():
 
     for first, second in zip(run(), run(), strict=True):
         assert torch.equal(first, second)
+
+
+# --- modules on the Triton backend ---------------------------------------------------------
+
+
+def _step(module, x, dy, **kwargs):
+    """y, x.grad and the parameters' grads of one forward/backward under use("triton"),
+    after checking that the Triton kernels ran."""
+    x = x.detach().clone().requires_grad_(True)
+    with backends.use("triton"):
+        y = module(x, **kwargs)
+        assert backends.last_used() == "triton"
+        y.backward(dy)
+    return y, x.grad, [p.grad for p in module.parameters()]
+
+
+def _torch_step(module, x, dy):
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    y.backward(dy)
+    return y, x.grad, [p.grad for p in module.parameters()]
+
+
+def _assert_same_step(got, want, dtype=torch.float32):
+    (y, dx, grads), (ref_y, ref_dx, ref_grads) = got, want
+    _close(y, _np(ref_y), tol(dtype), "y")
+    _close(dx, _np(ref_dx), grad_tol(dtype), "dx")
+    for g, r in zip(grads, ref_grads, strict=True):
+        _close(g, _np(r), grad_tol(dtype), "parameter grad")
+
+
+def _pair(normlab_cls, torch_cls, *args):
+    """A normlab module and its torch.nn twin with the same random affine parameters."""
+    ours, theirs = normlab_cls(*args).to(DEVICE), torch_cls(*args).to(DEVICE)
+    gen = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+            q.copy_(p)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("num_groups", [2, 6])
+def test_group_norm_module_on_triton_matches_torch(num_groups):
+    ours, theirs = _pair(normlab.GroupNorm, torch.nn.GroupNorm, num_groups, 6)
+    x, dy, _, _ = _data((3, 6, 2, 3), torch.float32, 14, 1)
+    _assert_same_step(_step(ours, x, dy), _torch_step(theirs, x, dy))
+
+
+def test_masked_instance_norm_module_on_triton_matches_reference():
+    module = normlab.InstanceNorm1d(4, affine=True).to(DEVICE)
+    x, dy, weight, bias = _data((3, 4, 11), torch.float32, 15, 4)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+    mask = _mask(3, 11, 15).bool()
+    y, dx, (dweight, dbias) = _step(module, x, dy, mask=mask)
+    args = (_np(x), _np(weight), _np(bias), EPS, _np(mask))
+    _close(y, ref.instance_norm(*args), tol(torch.float32), "y")
+    want = ref.instance_norm_backward(_np(dy), *args)
+    for got, expected in zip((dx, dweight, dbias), want, strict=True):
+        _close(got, expected, grad_tol(torch.float32), "gradient")
+
+
+@pytest.mark.parametrize(
+    "cls,shape", [(normlab.BatchNorm1d, (9, 5)), (normlab.BatchNorm2d, (4, 3, 2, 3))]
+)
+def test_batch_norm_module_on_triton_matches_torch_in_train_and_eval(cls, shape):
+    torch_cls = getattr(torch.nn, cls.__name__)
+    ours, theirs = _pair(cls, torch_cls, shape[1])
+    x, dy, _, _ = _data(shape, torch.float32, 16, 1)
+    _assert_same_step(_step(ours, x, dy), _torch_step(theirs, x, dy))
+    for name in ("running_mean", "running_var"):
+        _close(getattr(ours, name), _np(getattr(theirs, name)), tol(torch.float32), name)
+    ours.eval()
+    theirs.eval()
+    for module in (ours, theirs):
+        module.zero_grad()
+    _assert_same_step(_step(ours, x, dy), _torch_step(theirs, x, dy))
+
+
+def test_masked_channels_last_batch_norm_module_on_triton_matches_reference():
+    module = normlab.BatchNorm(5, dim=-1).to(DEVICE)
+    x, dy, weight, bias = _data((3, 7, 5), torch.float32, 17, 5)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+    mask = _mask(3, 7, 17).bool()
+    y, dx, (dweight, dbias) = _step(module, x, dy, mask=mask)
+    args = (_np(x), _np(weight), _np(bias), EPS)
+    _close(y, ref.batch_norm_train(*args, dim=-1, mask=_np(mask)), tol(torch.float32), "y")
+    want = ref.batch_norm_train_backward(_np(dy), *args, dim=-1, mask=_np(mask))
+    for got, expected in zip((dx, dweight, dbias), want, strict=True):
+        _close(got, expected, grad_tol(torch.float32), "gradient")
+    running = ref.batch_norm_update_running_stats(
+        _np(x), np.zeros(5), np.ones(5), 0.1, dim=-1, mask=_np(mask)
+    )
+    _close(module.running_mean, running[0], tol(torch.float32), "running_mean")
+    _close(module.running_var, running[1], tol(torch.float32), "running_var")
+
+
+def test_power_norm_module_on_triton_matches_composite_over_steps():
+    """Two steps after warmup (forward on the running phi, approximate backward updating
+    nu): outputs, gradients and both running statistics as the composite backend."""
+    ours = normlab.PowerNorm(6, warmup_iters=0).to(DEVICE)
+    twin = normlab.PowerNorm(6, warmup_iters=0).to(DEVICE)
+    twin.load_state_dict(ours.state_dict())
+    mask = _mask(4, 5, 18).bool()
+    for seed in (18, 19):
+        x, dy, _, _ = _data((4, 5, 6), torch.float32, seed, 1)
+        got = _step(ours, x, dy, mask=mask)
+        x = x.detach().clone().requires_grad_(True)
+        with backends.use("composite"):
+            y = twin(x, mask=mask)
+            y.backward(dy)
+        _assert_same_step(got, (y, x.grad, [p.grad for p in twin.parameters()]))
+        for name in ("running_phi", "running_grad_stat"):
+            _close(getattr(ours, name), _np(getattr(twin, name)), tol(torch.float32), name)

@@ -1,7 +1,9 @@
 """BatchNorm (per-channel statistics over every other axis) as torch custom ops on the Numba
-kernels of ``normlab.kernels.cpu.channels``: training (batch statistics, optionally masked)
-and given statistics (eval). x arrives as a contiguous (A, C, B) view (channels at axis 1),
-weight/bias/mean/var as (C,) or None, the mask as uint8 (A, B) or None."""
+kernels of ``normlab.kernels.cpu.channels`` (CPU) and the Triton kernels of
+``normlab.kernels.gpu.channels`` (CUDA; see ``fused_common``): training (batch statistics,
+optionally masked) and given statistics (eval). x arrives as a contiguous (A, C, B) view
+(channels at axis 1), weight/bias/mean/var as (C,) or None, the mask as uint8 (A, B) or
+None."""
 
 import torch
 
@@ -16,6 +18,7 @@ from normlab.ops.fused_common import (
     mask_array,
     param,
     stats,
+    stats_dtype,
 )
 
 
@@ -104,6 +107,50 @@ def _batch_norm_backward(
     return dx, dweight, dbias
 
 
+def _gpu_channels():
+    from normlab.kernels.gpu import channels
+
+    return channels
+
+
+def _cuda_batch_norm_train(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_batch_norm_train`` on the Triton kernels (float32 statistics and count, as
+    ``stats_dtype(x)``)."""
+    y, *statistics = _gpu_channels().batch_norm_train(x, weight, bias, eps, mask)
+    return y, *(t.to(stats_dtype(x)) for t in statistics)
+
+
+def _cuda_batch_norm_given(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = _gpu_channels().batch_norm_given(x, weight, bias, mean, var, eps)
+    return y, mean.to(stats_dtype(x)), rstd.to(stats_dtype(x))
+
+
+def _cuda_batch_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    mask: torch.Tensor | None,
+    count: torch.Tensor,
+    stats_given: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gpu_channels().batch_norm_backward(dy, x, weight, mean, rstd, mask, count, stats_given)
+
+
 def _fake_stats(x, n):
     return fake_stats(n, x)
 
@@ -123,7 +170,12 @@ def _fake_backward(dy, x, weight, mean, rstd, mask, count, stats_given):
     return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
 
 
-batch_norm_backward = backward_op("batch_norm_backward", _batch_norm_backward, _fake_backward)
+batch_norm_backward = backward_op(
+    "batch_norm_backward",
+    _batch_norm_backward,
+    _fake_backward,
+    cuda_impl=_cuda_batch_norm_backward,
+)
 
 
 def _composite_forward(eps, mask, mean=None, var=None):
@@ -196,8 +248,18 @@ def _given_backward(ctx, dy, *_stat_grads):
 
 
 batch_norm_train = fused_op(
-    "batch_norm_train", _batch_norm_train, _fake_train, _train_setup, _train_backward
+    "batch_norm_train",
+    _batch_norm_train,
+    _fake_train,
+    _train_setup,
+    _train_backward,
+    cuda_impl=_cuda_batch_norm_train,
 )
 batch_norm_given = fused_op(
-    "batch_norm_given", _batch_norm_given, _fake_given, _given_setup, _given_backward
+    "batch_norm_given",
+    _batch_norm_given,
+    _fake_given,
+    _given_setup,
+    _given_backward,
+    cuda_impl=_cuda_batch_norm_given,
 )

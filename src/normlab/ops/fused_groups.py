@@ -1,5 +1,6 @@
 """GroupNorm / InstanceNorm (InstanceNorm = one channel per group) as torch custom ops on
-the Numba kernels of ``normlab.kernels.cpu.groups``. x arrives as a contiguous (N, C, S)
+the Numba kernels of ``normlab.kernels.cpu.groups`` (CPU) and the Triton kernels of
+``normlab.kernels.gpu.groups`` (CUDA; see ``fused_common``). x arrives as a contiguous (N, C, S)
 view, weight and bias as (C,) or None, the mask as uint8 (N, S) or None."""
 
 import torch
@@ -15,6 +16,7 @@ from normlab.ops.fused_common import (
     mask_array,
     param,
     stats,
+    stats_dtype,
 )
 
 
@@ -79,6 +81,37 @@ def _group_norm_backward(
     return dx, dweight, dbias
 
 
+def _gpu_groups():
+    from normlab.kernels.gpu import groups
+
+    return groups
+
+
+def _cuda_group_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_group_norm`` on the Triton kernel (float32 statistics, as ``stats_dtype(x)``)."""
+    y, *statistics = _gpu_groups().group_norm_forward(x, weight, bias, groups, eps, mask)
+    return y, *(t.to(stats_dtype(x)) for t in statistics)
+
+
+def _cuda_group_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    groups: int,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gpu_groups().group_norm_backward(dy, x, weight, mean, rstd, groups, mask)
+
+
 def _fake_group_norm(x, weight, bias, groups, eps, mask):
     shape = (x.shape[0], groups)
     return (torch.empty_like(x), *(fake_stats(shape, x) for _ in range(3)))
@@ -89,7 +122,12 @@ def _fake_backward(dy, x, weight, mean, rstd, groups, mask):
     return torch.empty_like(x), x.new_empty(c), x.new_empty(c)
 
 
-group_norm_backward = backward_op("group_norm_backward", _group_norm_backward, _fake_backward)
+group_norm_backward = backward_op(
+    "group_norm_backward",
+    _group_norm_backward,
+    _fake_backward,
+    cuda_impl=_cuda_group_norm_backward,
+)
 
 
 def _composite_forward(groups, eps, mask):
@@ -141,4 +179,6 @@ def _backward(ctx, dy, _dmean, _dvar, _drstd):
     )
 
 
-group_norm = fused_op("group_norm", _group_norm, _fake_group_norm, _setup, _backward)
+group_norm = fused_op(
+    "group_norm", _group_norm, _fake_group_norm, _setup, _backward, cuda_impl=_cuda_group_norm
+)

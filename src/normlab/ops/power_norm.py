@@ -15,19 +15,20 @@ from normlab.ops.fused_common import array, launch, mask_array
 
 
 def _plan(x, weight, bias, phi, reduction_dims, mask):
-    """The Numba channels plan for this call, or None for the composite."""
+    """The channels plan (Numba, or Triton on CUDA and in the interpreter) for this call, or
+    None for the composite."""
     plan = dispatch.choose(x, weight, bias, reduction_dims, True, phi, phi, mask)
-    # The fused path is the Numba channels kernel; a Triton plan runs the composite.
-    if plan is not None and (plan.layout != "channels" or plan.kernel != "numba"):
+    if plan is not None and plan.layout != "channels":
         return None
     return plan
 
 
 def power_norm_approx_forward(x, weight, bias, phi, reduction_dims, eps, mask):
-    """y = weight * x / sqrt(phi + eps) + bias (Numba channels kernel or composite)."""
+    """y = weight * x / sqrt(phi + eps) + bias (a fused channels kernel or the composite)."""
     plan = _plan(x, weight, bias, phi, reduction_dims, mask)
     if plan is not None:
-        return _numba_forward(plan, x, weight, bias, phi, eps)
+        forward = _triton_forward if plan.kernel == "triton" else _numba_forward
+        return forward(plan, x, weight, bias, phi, eps)
     return kernel.power_norm_forward(x, weight, bias, phi, eps)
 
 
@@ -36,7 +37,8 @@ def power_norm_approx_backward(dy, x, weight, bias, phi, nu, reduction_dims, eps
     updates ``nu`` in place."""
     plan = _plan(x, weight, bias, phi, reduction_dims, mask)
     if plan is not None:
-        dx, dweight, dbias, new_nu = _numba_backward(
+        backward = _triton_backward if plan.kernel == "triton" else _numba_backward
+        dx, dweight, dbias, new_nu = backward(
             plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask
         )
     else:
@@ -121,6 +123,20 @@ def _numba_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask):
     dweight = None if weight is None else sums[0].to(weight.dtype).reshape(weight.shape)
     dbias = None if bias is None else sums[1].to(bias.dtype).reshape(bias.shape)
     return dx, dweight, dbias, new_nu
+
+
+def _triton_forward(plan, x, weight, bias, phi, eps):
+    """``_numba_forward`` on the Triton kernel."""
+    from normlab.kernels.gpu import power_norm as gpu_kernel
+
+    return gpu_kernel.power_norm_forward(plan, x, weight, bias, phi, eps)
+
+
+def _triton_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask):
+    """``_numba_backward`` on the Triton kernel (new_nu in float32)."""
+    from normlab.kernels.gpu import power_norm as gpu_kernel
+
+    return gpu_kernel.power_norm_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask)
 
 
 # Under torch.compile this op stays eager (a graph break): its backward updates the nu buffer

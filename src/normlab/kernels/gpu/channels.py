@@ -192,12 +192,13 @@ def _moments_finalize_kernel(
     n = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
-    for p in range(0, partials):
-        at = p * C + cs
+    at = cs  # partial p, channels cs: p * C + cs (64-bit)
+    for _ in range(0, partials):
         nb = tl.load(pn_ptr + at, mask=c_ok, other=0.0)
         mb = tl.load(pmean_ptr + at, mask=c_ok, other=0.0)
         qb = tl.load(pm2_ptr + at, mask=c_ok, other=0.0)
         n, mean, m2 = chan_merge(n, mean, m2, nb, mb, qb)
+        at += C
     var = m2 / tl.where(c_ok, n, 1.0)  # 0 / 0 = NaN for a channel without real elements
     tl.store(mean_ptr + cs, tl.where(n > 0, k + mean, var), mask=c_ok)
     tl.store(var_ptr + cs, var, mask=c_ok)
@@ -461,11 +462,12 @@ def _grad_finalize_kernel(
     s1 = tl.zeros([BLOCK_C], tl.float32)
     s2 = tl.zeros([BLOCK_C], tl.float32)
     sd = tl.zeros([BLOCK_C], tl.float32)
-    for p in range(0, partials):
-        at = p * C + cs
+    at = cs  # partial p, channels cs: p * C + cs (64-bit)
+    for _ in range(0, partials):
         s1 += tl.load(pdb_ptr + at, mask=c_ok, other=0.0)
         s2 += tl.load(pdw_ptr + at, mask=c_ok, other=0.0)
         sd += tl.load(pd_ptr + at, mask=c_ok, other=0.0)
+        at += C
     r = tl.load(rstd_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
     if STATS_GIVEN:
         dweight = s2 * r

@@ -55,13 +55,13 @@ def _real_positions(mask_row, ss, in_range, MASKED: tl.constexpr):
 def _group_pivot(x_group, mask_row, S, MASKED: tl.constexpr, BLOCK_S: tl.constexpr):
     """x at the group's first real position of its first channel (0 if none or not
     finite): the shift that keeps the float32 moments exact for a large mean."""
-    first = S * 0
+    first = tl.zeros([], tl.int64)
     if MASKED:
-        first = S
+        first += S  # typed before the loop carries it (S may be a constant)
         for s0 in range(0, S, BLOCK_S):
             ss = s0 + tl.arange(0, BLOCK_S)
             real = _real_positions(mask_row, ss, ss < S, MASKED)
-            first = tl.minimum(first, tl.min(tl.where(real, ss, S), axis=0))
+            first = tl.minimum(first, tl.min(tl.where(real, ss, S), axis=0).to(tl.int64))
         first = tl.where(first < S, first, 0)
     return finite_or_zero(tl.load(x_group + first).to(tl.float32))
 
@@ -102,9 +102,9 @@ def _group_norm_kernel(
     c0 = (t - n * groups) * per
     mask_row = mask_ptr + n * S
     k = _group_pivot(x_ptr + start, mask_row, S, MASKED, BLOCK_S)
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
+    count = tl.zeros([], tl.float32)
+    mean = tl.zeros([], tl.float32)
+    m2 = tl.zeros([], tl.float32)
     for ci in range(0, per, BLOCK_C):
         cs = ci + tl.arange(0, BLOCK_C)
         c_ok = cs < per
