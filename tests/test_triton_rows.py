@@ -9,6 +9,12 @@ TRITON_INTERPRET=1), so the shapes are small; skipped when Triton is not install
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -325,3 +331,23 @@ def test_forced_triton_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with backends.use("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET"):
         NF.layer_norm(torch.randn(4, 40), (40,))
+
+
+# --- compiled for a real GPU ------------------------------------------------------------------
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """Every default configuration compiles to sm_90 machine code (the interpreter accepts
+    code the compiler rejects), within its register budget: at most 8 bytes of stack."""
+    pytest.importorskip("triton.backends.nvidia")
+    script = Path(__file__).with_name("triton_compile.py")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), "rows"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(reports) == 2 * 5 * 3 + 1
+    for report in reports:
+        assert report.get("stack", 0) <= 8, report
+        assert report.get("reg", 0) <= 65536 // (32 * report["num_warps"]), report

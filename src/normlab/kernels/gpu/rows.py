@@ -16,7 +16,7 @@ to the input dtype; the statistics are float32.
 
 Memory traffic, the cost that matters (the kernels are bandwidth-bound):
 
-- Forward, row in registers (N up to ``MAX_FUSED_BYTES`` of input): one program per row
+- Forward, row in registers (N up to ``MAX_FUSED_FORWARD``): one program per row
   reads x once and writes y. Statistics are two-pass in registers around a pivot k (the
   row's first element): with d = x - k, mean = k + mean(d), var = mean((d - mean(d))^2).
   x - k is exact for x near k, so data far from zero (1e4 + 1e-3 noise) keeps its noise.
@@ -26,7 +26,8 @@ Memory traffic, the cost that matters (the kernels are bandwidth-bound):
   reads s: x and residual are read once, s twice.
 - Backward: a persistent grid of about one program per SM (``programs``); each program takes
   rows pid, pid + P, ... and keeps its partial sums of dy * xhat and dy in float32. Rows in
-  registers: x and dy are read once. Looped rows: a first sweep per row computes its three
+  registers (N up to ``MAX_FUSED_BACKWARD``): x and dy are read once, the weight per row
+  from L1. Looped rows: a first sweep per row computes its three
   row sums, a second sweep, block of columns by block of columns across the program's rows,
   writes dx and keeps that block's partial sums in registers (x and dy read twice). A
   second small kernel adds the P partial rows in a fixed order: dweight and dbias are
@@ -43,43 +44,49 @@ import torch
 import triton
 import triton.language as tl
 
-# A row is kept in registers when its input bytes fit in this (the forward's x, weight and
-# bias as float32 stay below ~100 registers a thread at 32 warps); longer rows loop.
-MAX_FUSED_BYTES = 65536
-# The backward holds five float32 vectors of the row (x, dy, weight, two partial sums).
-MAX_FUSED_BACKWARD = 16384
-# Block of columns of the looped variants (elements).
-LOOP_BLOCK_BYTES = 16384
-FLOAT32_MAX = 3.4028234663852886e38
+# Block sizes and warps by feature count. The limits keep every variant free of register
+# spills on sm_90 (64 registers a thread at 32 warps, 128 at 16, 255 at 8), as ptxas
+# reports them (cuobjdump --dump-resource-usage) for float32 and bfloat16.
+MAX_FUSED_FORWARD = 16384  # features kept in registers by the forward (32 warps)
+MAX_FUSED_BACKWARD = 8192  # the backward also holds dy and two partial sums a thread
+LOOP_BLOCK_FORWARD_BYTES = 16384  # looped forward: 8192 bf16 / 4096 fp32 columns a block
+LOOP_BLOCK_BACKWARD = 2048  # looped backward: columns a block, at 16 warps (60 registers)
+LOOP_WARPS_BACKWARD = 16
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # a global a kernel reads: constexpr
 
 
 def forward_block(n_cols: int, element_size: int) -> int:
-    """The forward's block of columns: the whole row (next power of two) when it fits in
-    ``MAX_FUSED_BYTES``, else the looped variant's block."""
+    """The forward's block of columns: the whole row (next power of two) up to
+    ``MAX_FUSED_FORWARD``, else the looped variant's block."""
     whole = triton.next_power_of_2(n_cols)
-    if whole * element_size <= MAX_FUSED_BYTES:
+    if whole <= MAX_FUSED_FORWARD:
         return whole
-    return LOOP_BLOCK_BYTES // element_size
+    return LOOP_BLOCK_FORWARD_BYTES // element_size
 
 
-def backward_block(n_cols: int, element_size: int) -> int:
+def backward_block(n_cols: int) -> int:
+    """The backward's block of columns: the whole row up to ``MAX_FUSED_BACKWARD``, else
+    ``LOOP_BLOCK_BACKWARD``."""
     whole = triton.next_power_of_2(n_cols)
-    if whole <= MAX_FUSED_BACKWARD:
-        return whole
-    return LOOP_BLOCK_BYTES // element_size // 2
+    return whole if whole <= MAX_FUSED_BACKWARD else LOOP_BLOCK_BACKWARD
 
 
 def num_warps(block: int) -> int:
-    """About 16 bytes per thread per load of a 16-bit row, from 4 to 32 warps."""
+    """The forward: 16 elements a thread (two 16-byte loads of a 16-bit row), 4 to 32 warps."""
     return min(32, max(4, block // 512))
 
 
-def programs_per_device(x: torch.Tensor, warps: int) -> int:
-    """The persistent grid: enough programs to fill every SM to 32 resident warps. Without
-    a GPU (the interpreter) a handful, so that each program takes several rows."""
+def backward_warps(block: int, looped: bool) -> int:
+    """The backward holds more a thread: 8 elements a thread, 4 to 32 warps (16 looped)."""
+    return LOOP_WARPS_BACKWARD if looped else min(32, max(4, block // 256))
+
+
+def programs_per_device(x: torch.Tensor, per_sm: int) -> int:
+    """The persistent grid: ``per_sm`` programs on every SM (what their registers let stay
+    resident together). Without a GPU (the interpreter) a handful, so that each program
+    takes several rows."""
     if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        return sms * max(1, 32 // warps)
+        return torch.cuda.get_device_properties(x.device).multi_processor_count * per_sm
     return 4
 
 
@@ -112,7 +119,9 @@ def _pivot(X, RESIDUAL, start, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def _affine_store(Y, W, B, offsets, cols, real, xhat, HAS_WEIGHT, HAS_BIAS):
+def _affine_store(
+    Y, W, B, offsets, cols, real, xhat, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
+):
     y = xhat
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=real, other=0.0).to(tl.float32)
@@ -290,9 +299,6 @@ def _row_norm_backward_kernel(
     cols = tl.arange(0, BLOCK)
     if not LOOPED:
         real = cols < n_cols
-        w = tl.full([BLOCK], 1.0, tl.float32)
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=real, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         db = tl.zeros([BLOCK], dtype=tl.float32)
         for row in tl.range(pid, n_rows, programs):
@@ -302,7 +308,9 @@ def _row_norm_backward_kernel(
             mean = tl.load(MEAN + row).to(tl.float32)
             rstd = tl.load(RSTD + row).to(tl.float32)
             d = tl.where(real, x - mean, 0.0)
-            g = dy * w
+            g = dy
+            if HAS_WEIGHT:  # reloaded per row (from L1): fewer registers held across rows
+                g = dy * tl.load(W + cols, mask=real, other=0.0).to(tl.float32)
             c1 = 0.0
             if CENTER:
                 d = tl.where(real, d - tl.sum(d, axis=0) / n_cols, 0.0)
@@ -422,10 +430,13 @@ def row_norm_backward(
     is added to dx. ``block`` as in the forward (default ``backward_block``), ``programs``
     the persistent grid (default ``programs_per_device``)."""
     n_rows, n_cols = x.shape
-    block = block or backward_block(n_cols, x.element_size())
-    warps = num_warps(block)
-    programs = max(1, min(n_rows, programs or programs_per_device(x, warps)))
+    block = block or backward_block(n_cols)
     looped = block < n_cols
+    warps = backward_warps(block, looped)
+    # Resident programs a SM, from the registers ptxas reports (64K a SM): about 16 warps
+    # when the row is in registers, two 16-warp programs looped.
+    per_sm = 2 if looped else max(1, 16 // warps)
+    programs = max(1, min(n_rows, programs or programs_per_device(x, per_sm)))
     dx = torch.empty_like(x)
     dweight = torch.empty(n_cols, dtype=x.dtype, device=x.device)
     dbias = torch.empty(n_cols, dtype=x.dtype, device=x.device)
