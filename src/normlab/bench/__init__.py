@@ -4,7 +4,9 @@ For each op of the grid (``cases``), forward and backward, float32 on the CPU, i
 allocation environments (``environment``): median time and spread (``timing``), GB/s under
 the minimal-traffic model (``traffic``), and ratios to a copy of the same bytes, to torch
 eager and to torch.compile (``ratios``); normlab runs with the "auto" backend and forced
-"composite" and "numba" backends. Prints rich tables (``table``), writes JSON.
+"composite" and "numba" backends. Prints rich tables (``table``), writes JSON. On a CUDA
+device (``--device``, default: CUDA when present) the GPU grid, float32 and bfloat16, with
+the "triton" backend in place of "numba" and CUDA-event timing (``gpu``).
 
 Run ``normlab bench --help`` (or ``python -m normlab.bench``); in Python, ``run(settings)``
 measures with subprocesses and ``measure.measure_mode`` measures in this process.

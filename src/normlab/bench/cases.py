@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 OPS = (
     "layer_norm",
     "rms_norm",
@@ -32,6 +34,7 @@ class Case:
     (B, L, C) for BatchNorm (``channel_dim`` 1 or -1), (N, C, H, W) for GroupNorm and
     InstanceNorm. ``training`` selects BatchNorm's batch statistics (else running ones);
     ``padding`` is the fraction of padded positions (BatchNorm via ``lengths=``; 0: no mask).
+    ``dtype``: the inputs' and parameters' dtype (a ``torch`` attribute name).
     """
 
     op: str
@@ -40,6 +43,15 @@ class Case:
     training: bool = True
     padding: float = 0.0
     groups: int = 32
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def element_size(self) -> int:
+        return self.torch_dtype.itemsize
 
     @property
     def masked(self) -> bool:
@@ -55,7 +67,7 @@ class Case:
             return f"{mode} {layout}{pad}"
         if self.op == "group_norm":
             return f"{self.groups} groups"
-        return ""
+        return "" if self.dtype == "float32" else self.dtype
 
     @property
     def label(self) -> str:
@@ -68,6 +80,16 @@ def _feature_cases(shapes: list[tuple[int, int]]) -> list[Case]:
         Case(op, shape)
         for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
         for shape in shapes
+    ]
+
+
+def _gpu_feature_cases(rows: int, features: list[int]) -> list[Case]:
+    """The feature norms on (rows, features), float32 then bfloat16 (the GPU grids)."""
+    return [
+        Case(op, (rows, n), dtype=dtype)
+        for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+        for dtype in ("float32", "bfloat16")
+        for n in features
     ]
 
 
@@ -99,6 +121,10 @@ GRIDS: dict[str, list[Case]] = {
     "toy": _feature_cases([(64, 32)])
     + _batch_norm_cases((4, 8, 16), (4, 16, 8))
     + _image_cases((2, 8, 4, 4), 4),
+    # On a CUDA device (``normlab.bench.gpu``): the issue's rows x features, and smaller.
+    "gpu": _gpu_feature_cases(32768, [1024, 4096, 16384, 65536, 262144]),
+    "gpu-quick": _gpu_feature_cases(32768, [4096, 65536]),
+    "gpu-toy": _gpu_feature_cases(16, [32, 96]),
 }
 
 

@@ -67,9 +67,16 @@ def padded_lengths(batch: int, length: int, padding: float) -> torch.Tensor:
     return (fractions * length).round().long().clamp(min=2, max=length)
 
 
-def _affine(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = 1.0 + 0.1 * torch.randn(n, generator=generator)
-    bias = 0.1 * torch.randn(n, generator=generator)
+def _randn(shape, generator: torch.Generator, dtype: torch.dtype = torch.float32):
+    """Standard normal values of ``dtype`` on the generator's device."""
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+
+
+def _affine(
+    n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = 1.0 + 0.1 * _randn(n, generator, dtype)
+    bias = 0.1 * _randn(n, generator, dtype)
     return weight.requires_grad_(), bias.requires_grad_()
 
 
@@ -159,12 +166,13 @@ def normlab_instance_norm(x, weight, bias):
 
 
 def _feature_workload(case: Case, g: torch.Generator) -> Workload:
-    x = torch.randn(case.shape, generator=g).requires_grad_()
-    weight, bias = _affine(case.shape[-1], g)
-    dy = torch.randn(case.shape, generator=g)
+    dtype = case.torch_dtype
+    x = _randn(case.shape, g, dtype).requires_grad_()
+    weight, bias = _affine(case.shape[-1], g, dtype)
+    dy = _randn(case.shape, g, dtype)
     if case.op in ("add_layer_norm", "add_rms_norm"):
-        residual = torch.randn(case.shape, generator=g).requires_grad_()
-        dsum = torch.randn(case.shape, generator=g)
+        residual = _randn(case.shape, g, dtype).requires_grad_()
+        dsum = _randn(case.shape, g, dtype)
         if case.op == "add_layer_norm":
             args, eager, ours = (
                 (x, residual, weight, bias),
@@ -250,10 +258,10 @@ def _image_workload(case: Case, g: torch.Generator) -> Workload:
     )
 
 
-def build_workload(case: Case, seed: int = 0) -> Workload:
-    """Random float32 inputs for ``case`` (deterministic in ``seed``) and its
-    implementations."""
-    g = torch.Generator().manual_seed(seed)
+def build_workload(case: Case, seed: int = 0, device: str = "cpu") -> Workload:
+    """Random inputs for ``case`` on ``device`` (deterministic in ``seed``; the feature
+    norms in the case's dtype, the others float32 on the CPU) and its implementations."""
+    g = torch.Generator(device=device).manual_seed(seed)
     if case.op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
         return _feature_workload(case, g)
     if case.op == "batch_norm":

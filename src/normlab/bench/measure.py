@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from normlab import backends
-from normlab.bench import environment, timing, traffic
+from normlab.bench import environment, gpu, timing, traffic
 from normlab.bench.cases import Case
 from normlab.bench.contenders import Implementation, Workload, build_workload
 from normlab.bench.options import Settings
@@ -25,6 +25,12 @@ from normlab.bench.options import Settings
 NORMLAB_BACKENDS = ("composite", "numba", "auto")
 """normlab's contenders, in the order of their first calls within a process: the forced
 Numba backend pays the JIT compile (or cache load) before "auto" runs."""
+
+
+def normlab_backends(device: str) -> tuple[str, ...]:
+    """normlab's contenders on ``device``: the fused backend is Triton on CUDA."""
+    return ("composite", gpu.FUSED_BACKEND[device], "auto")
+
 
 COPY_INPLACE = "copy_"
 COPY_CLONE = "clone"
@@ -58,11 +64,13 @@ def _short(error: BaseException) -> str:
 def _first_call(contender: Contender, workload: Workload):
     """Run ``contender`` once forward and once backward, timed; returns the outputs and
     the backend normlab reported after the forward."""
+    device = workload.differentiable[0].device.type
     with contender.context():
-        forward_s, outputs = timing.timed_once(contender.call)
+        forward_s, outputs = gpu.timed_once(contender.call, device)
         backend = backends.last_used()
-        backward_s, _ = timing.timed_once(
-            lambda: torch.autograd.grad(outputs, workload.differentiable, workload.output_grads)
+        backward_s, _ = gpu.timed_once(
+            lambda: torch.autograd.grad(outputs, workload.differentiable, workload.output_grads),
+            device,
         )
     return outputs, backend, forward_s, backward_s
 
@@ -85,14 +93,14 @@ def _normlab_contender(workload: Workload, backend: str) -> Contender:
         return contender
     contender.record.update(first_forward_s=forward_s, first_backward_s=backward_s)
     contender.record["backend_ran"] = ran
-    if backend == "numba" and ran != "numba":
+    if backend in gpu.FUSED_BACKEND.values() and ran != backend:
         contender.record.update(
             status="unavailable",
-            note=f"backend 'numba' requested, normlab.backends.last_used() reported {ran!r}",
+            note=f"backend {backend!r} requested, normlab.backends.last_used() reported {ran!r}",
         )
         return contender
     contender.record["status"] = "ok"
-    contender.outputs = outputs
+    contender.outputs = gpu.kept_for_agreement(outputs)
     return contender
 
 
@@ -106,7 +114,7 @@ def _baseline_contender(name: str, implementation: Implementation, workload: Wor
         contender.record.update(status="failed", note=_short(error))
         return contender
     contender.record.update(status="ok", first_forward_s=forward_s, first_backward_s=backward_s)
-    contender.outputs = outputs
+    contender.outputs = gpu.kept_for_agreement(outputs)
     return contender
 
 
@@ -123,7 +131,7 @@ def _compiled_contender(name: str, implementation: Implementation, workload: Wor
         )
         return contender
     contender.record.update(status="ok", compile_forward_s=forward_s, compile_backward_s=backward_s)
-    contender.outputs = outputs
+    contender.outputs = gpu.kept_for_agreement(outputs)
     return contender
 
 
@@ -148,7 +156,9 @@ def _check_agreement(contenders: list[Contender]) -> None:
 def prepare(workload: Workload, settings: Settings) -> list[Contender]:
     """Every contender of ``workload``, first-called (normlab in ``NORMLAB_BACKENDS``
     order, the baselines, then their torch.compile versions unless disabled)."""
-    contenders = [_normlab_contender(workload, backend) for backend in NORMLAB_BACKENDS]
+    contenders = [
+        _normlab_contender(workload, backend) for backend in normlab_backends(settings.device)
+    ]
     for name, implementation in workload.baselines.items():
         contenders.append(_baseline_contender(name, implementation, workload))
     for name, implementation in workload.baselines.items():
@@ -162,29 +172,27 @@ def prepare(workload: Workload, settings: Settings) -> list[Contender]:
     return contenders
 
 
-def _runners(contenders, workload: Workload, case: Case, direction: str):
+def _runners(contenders, workload: Workload, case: Case, direction: str, device: str):
     runners = {}
     for c in contenders:
         if not c.ok:
             continue
         if direction == "forward":
-            runners[c.name] = timing.forward_runner(c.call, c.context)
+            runners[c.name] = gpu.forward_runner(c.call, c.context, device)
         else:
-            runners[c.name] = timing.backward_runner(
-                c.call, workload.differentiable, workload.output_grads, c.context
+            runners[c.name] = gpu.backward_runner(
+                c.call, workload.differentiable, workload.output_grads, c.context, device
             )
     # The references: a copy of half the traffic (read n bytes, write n bytes).
-    elements = traffic.traffic_bytes(case, direction) // 8
-    source = torch.randn(elements)
-    runners[COPY_INPLACE] = timing.copy_runner(source, torch.empty_like(source))
-    runners[COPY_CLONE] = timing.copy_runner(source, None)
+    copy_bytes = traffic.traffic_bytes(case, direction) // 2
+    runners[COPY_INPLACE], runners[COPY_CLONE] = gpu.copy_runners(copy_bytes, device)
     return runners
 
 
 def measure_direction(contenders, workload, case, direction, settings, seed) -> dict:
     """Interleaved timing of every running contender and both copies in ``direction``."""
     apply_threads(settings)
-    runners = _runners(contenders, workload, case, direction)
+    runners = _runners(contenders, workload, case, direction, settings.device)
     samples = timing.interleaved(runners, settings.repetitions, settings.warmup, seed)
     moved = traffic.traffic_bytes(case, direction)
     results = {}
@@ -205,7 +213,7 @@ def measure_case(case: Case, settings: Settings, seed: int, emit: Emit) -> dict:
     """One case: prepare the contenders, time both directions."""
     torch.compiler.reset()  # each case compiles afresh (and stays under dynamo's cache limit)
     emit({"event": "phase", "label": case.label, "phase": "first calls and compile"})
-    workload = build_workload(case, settings.seed)
+    workload = build_workload(case, settings.seed, settings.device)
     contenders = prepare(workload, settings)
     result = {
         "op": case.op,
@@ -231,14 +239,15 @@ def measure_case(case: Case, settings: Settings, seed: int, emit: Emit) -> dict:
     return result
 
 
-def _first_calls(case_results: list[dict]) -> list[dict]:
-    """Per op, normlab's first calls in this process (the first case of each op)."""
+def _first_calls(case_results: list[dict], normlab: tuple[str, ...]) -> list[dict]:
+    """Per op, normlab's first calls in this process (the first case of each op), for the
+    ``normlab`` backends."""
     rows, seen = [], set()
     for case in case_results:
         if case["op"] in seen:
             continue
         seen.add(case["op"])
-        for backend in NORMLAB_BACKENDS:
+        for backend in normlab:
             record = case["contenders"][f"normlab {backend}"]
             rows.append(
                 {
@@ -282,16 +291,22 @@ def measure_mode(cases: list[Case], settings: Settings, mode: str, emit: Emit | 
     emit = emit or (lambda event: None)
     apply_threads(settings)
     load_before = _load_average()
-    case_results = [
-        measure_case(case, settings, settings.seed + index, emit)
-        for index, case in enumerate(cases)
-    ]
+    cases, skipped = gpu.fitting(cases, settings.device)
+    case_results = []
+    for index, case in enumerate(cases):
+        with gpu.released(settings.device):
+            case_results.append(measure_case(case, settings, settings.seed + index, emit))
+    normlab = normlab_backends(settings.device)
     return {
         "mode": mode,
+        "device": settings.device,
+        "gpu": gpu.device_name(settings.device),
+        "normlab_backends": list(normlab),
+        "skipped_cases": skipped,
         "description": environment.DESCRIPTION.get(mode, mode),
         "allocation_settings": environment.allocation_settings(),
         "torch_threads": _threads_used(case_results),
         "load_average": {"start": load_before, "end": _load_average()},
-        "first_calls": _first_calls(case_results),
+        "first_calls": _first_calls(case_results, normlab),
         "cases": case_results,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from normlab.bench import gpu
 from normlab.bench.cases import GRIDS, OPS
 
 PROFILES = {
@@ -13,6 +14,7 @@ PROFILES = {
     "default": ("default", 11, 1),
     "quick": ("quick", 4, 1),
 }
+GPU_GRIDS = {"default": "gpu", "quick": "gpu-quick"}  # the profiles' grids on CUDA
 
 
 @dataclass
@@ -27,18 +29,22 @@ class Settings:
     alloc: str = "both"
     compile: bool = True
     fold: bool = True  # also time fold_batchnorm on a small CNN and an MLP
+    device: str = "cpu"  # "cpu" or "cuda" (normlab.bench.gpu)
     seed: int = 0
     json_path: str | None = "bench.json"
     markdown_path: str | None = None
     command: list[str] = field(default_factory=list)
 
     def allocation_modes(self) -> list[str]:
+        if self.device == "cuda":
+            return ["default"]  # glibc's tunables do not touch device memory
         return ["default", "retained"] if self.alloc == "both" else [self.alloc]
 
     def child_arguments(self) -> list[str]:
         """The options that reproduce these settings in a measuring subprocess."""
         args = ["--grid", self.grid, "--reps", str(self.repetitions)]
         args += ["--warmup", str(self.warmup), "--seed", str(self.seed)]
+        args += ["--device", self.device]
         if self.only is not None:
             args += ["--only", ",".join(self.only)]
         if self.threads is not None:
@@ -128,12 +134,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the fold_batchnorm inference timing (small CNN and MLP)",
     )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run (default: cuda when a GPU is present). On cuda: the 'gpu' grid "
+        "(32768 rows x 1024..262144 features, float32 and bfloat16; --quick: 'gpu-quick'), "
+        "normlab's 'triton' backend, CUDA-event timing, one allocation mode, and cases that "
+        "do not fit in device memory skipped with the reason",
+    )
     parser.add_argument("--seed", type=int, default=0, help="inputs and contender order")
 
 
 def settings_from(args: argparse.Namespace, command: list[str] | None = None) -> Settings:
     """Settings from parsed options: the profile's grid and counts, overridden where given."""
-    grid, repetitions, warmup = PROFILES["quick" if args.quick else "default"]
+    profile = "quick" if args.quick else "default"
+    grid, repetitions, warmup = PROFILES[profile]
+    device = gpu.resolve_device(getattr(args, "device", "auto"))
+    if device == "cuda":
+        grid = GPU_GRIDS[profile]
     return Settings(
         grid=args.grid or grid,
         only=args.only,
@@ -142,7 +161,8 @@ def settings_from(args: argparse.Namespace, command: list[str] | None = None) ->
         threads=args.threads,
         alloc=args.alloc,
         compile=args.compile,
-        fold=args.fold,
+        fold=args.fold and device == "cpu",  # the fold timing is a CPU model
+        device=device,
         seed=args.seed,
         json_path=args.json,
         markdown_path=args.markdown,

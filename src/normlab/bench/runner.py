@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import normlab
-from normlab.bench import cases, environment, measure, ratios, table, traffic
+from normlab.bench import cases, environment, gpu, measure, ratios, table, traffic
 from normlab.bench.options import Settings
 
 SCHEMA = "normlab-bench/1"
@@ -94,7 +94,7 @@ def assemble(settings: Settings, modes: dict[str, dict]) -> dict:
         "schema": SCHEMA,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["normlab", "bench", *settings.command]),
-        "machine": environment.machine(),
+        "machine": {**environment.machine(), "gpu": gpu.device_name(settings.device)},
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "torch_threads": sorted({mode["torch_threads"] for mode in modes.values()}),
         "settings": {
@@ -106,7 +106,8 @@ def assemble(settings: Settings, modes: dict[str, dict]) -> dict:
             "alloc": settings.alloc,
             "compile": settings.compile,
             "seed": settings.seed,
-            "dtype": "float32",
+            "device": settings.device,
+            "dtype": "float32" if settings.device == "cpu" else "per case (float32, bfloat16)",
         },
         "traffic_model": traffic.MODEL,
         "timing_method": TIMING_METHOD,

@@ -9,7 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from normlab.bench import traffic
+from normlab.bench import gpu, traffic
 from normlab.bench.measure import COPY_CLONE, COPY_INPLACE
 
 DIRECTION_SHORT = {"forward": "fwd", "backward": "bwd"}
@@ -81,6 +81,17 @@ THROUGHPUT_HEADER = [
 ]
 
 
+def _normlab_backends(mode: dict) -> list[str]:
+    """normlab's contenders in this mode (the fused one is "triton" on CUDA)."""
+    return mode.get("normlab_backends", ["composite", "numba", "auto"])
+
+
+def throughput_header(mode: dict) -> list[str]:
+    """``THROUGHPUT_HEADER`` with this mode's normlab backends."""
+    backends = [f"normlab {b}" for b in _normlab_backends(mode)]
+    return THROUGHPUT_HEADER[:5] + backends + THROUGHPUT_HEADER[8:]
+
+
 def throughput_rows(mode: dict) -> list[list[str]]:
     """One row per case and direction: GB/s of each contender, normlab auto's ratios."""
     rows = []
@@ -103,7 +114,7 @@ def throughput_rows(mode: dict) -> list[list[str]]:
                     compiled,
                     *(
                         _contender_cell(case, direction, f"normlab {backend}")
-                        for backend in ("composite", "numba", "auto")
+                        for backend in _normlab_backends(mode)
                     ),
                     str(auto.get("backend_ran") or "-"),
                     *(
@@ -162,11 +173,20 @@ def compile_rows(mode: dict) -> list[list[str]]:
 
 def _machine_line(report: dict) -> str:
     m = report["machine"]
+    gpu = f"{m['gpu']}; " if m.get("gpu") else ""
     return (
-        f"{m['cpu_model']}, {m['usable_cpus']} usable CPUs, torch {m['torch']} "
+        f"{gpu}{m['cpu_model']}, {m['usable_cpus']} usable CPUs, torch {m['torch']} "
         f"({', '.join(str(t) for t in report['torch_threads'])} threads), numba {m['numba']}, "
         f"{m['glibc']}"
     )
+
+
+def _device_lines(mode: dict) -> list[str]:
+    """On CUDA: how the copies are scaled, and the cases that did not fit."""
+    if mode.get("device") != "cuda":
+        return []
+    skipped = [f"skipped {s['label']}: {s['reason']}" for s in mode.get("skipped_cases", [])]
+    return [f"{gpu.COPY_MODEL}.", *skipped]
 
 
 def _load_line(mode: dict) -> str:
@@ -208,9 +228,11 @@ def print_report(report: dict, console: Console) -> None:
     """The throughput, first-call and compile tables of every mode, on ``console``."""
     console.print(f"[bold]normlab bench[/bold]: {_machine_line(report)}")
     for mode in report["modes"].values():
-        console.print(_rich_table(_mode_title(mode), THROUGHPUT_HEADER, throughput_rows(mode), 2))
-        if _load_line(mode):
-            console.print(f"  {_load_line(mode)}", style="dim")
+        header = throughput_header(mode)
+        console.print(_rich_table(_mode_title(mode), header, throughput_rows(mode), 2))
+        for line in [_load_line(mode), *_device_lines(mode)]:
+            if line:
+                console.print(f"  {line}", style="dim")
     for note in THROUGHPUT_NOTES:
         console.print(f"  {note}", style="dim")
     for name, text in traffic.MODEL.items():
@@ -239,10 +261,11 @@ def markdown(report: dict) -> str:
     if _source_line(report):
         parts.append(_source_line(report))
     for mode in report["modes"].values():
-        throughput = _markdown_table(THROUGHPUT_HEADER, throughput_rows(mode))
+        throughput = _markdown_table(throughput_header(mode), throughput_rows(mode))
         parts += [f"### {_mode_title(mode)}", throughput]
         if _load_line(mode):
             parts.append(_load_line(mode))
+        parts += _device_lines(mode)
     parts.append("\n".join(f"- {note}" for note in THROUGHPUT_NOTES))
     parts.append("\n".join(f"- traffic, {name}: {text}" for name, text in traffic.MODEL.items()))
     for mode in report["modes"].values():

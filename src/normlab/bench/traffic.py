@@ -1,7 +1,7 @@
 """The minimal-traffic model: the bytes an op must move at the least, from which GB/s and
 the size of the reference memory copy follow.
 
-Each full-size tensor (the input's shape, float32) counts once per read or write; weights,
+Each full-size tensor (the input's shape and dtype) counts once per read or write; weights,
 biases, statistics, running buffers, masks and lengths are O(rows) or O(channels) and are
 not counted. An implementation that reads the input twice (a statistics pass, then a
 normalize pass) still gets the single-read figure: GB/s is "useful bytes per second".
@@ -39,9 +39,11 @@ def tensors_moved(case: Case, direction: str) -> int:
     return 2 if direction == "forward" else 3
 
 
-def traffic_bytes(case: Case, direction: str, element_size: int = 4) -> int:
-    """Bytes moved under the minimal-traffic model (float32: 4 bytes per element)."""
-    return tensors_moved(case, direction) * math.prod(case.shape) * element_size
+def traffic_bytes(case: Case, direction: str, element_size: int | None = None) -> int:
+    """Bytes moved under the minimal-traffic model (default: the case dtype's element
+    size, 4 bytes for float32)."""
+    size = case.element_size if element_size is None else element_size
+    return tensors_moved(case, direction) * math.prod(case.shape) * size
 
 
 def model_name(case: Case, direction: str) -> str:
