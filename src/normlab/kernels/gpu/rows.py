@@ -40,6 +40,8 @@ kernel does). Row offsets are 64-bit: rows * features may exceed 2^31.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -88,6 +90,11 @@ def programs_per_device(x: torch.Tensor, per_sm: int) -> int:
     if x.device.type == "cuda":
         return torch.cuda.get_device_properties(x.device).multi_processor_count * per_sm
     return 4
+
+
+def _on_device_of(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit
@@ -215,7 +222,9 @@ def _forward(x, residual, weight, bias, eps, center, block):
     total = torch.empty_like(x) if residual is not None else None
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    if n_rows:
+    if n_rows == 0:
+        return y, total, mean, rstd
+    with _on_device_of(x):
         _row_norm_forward_kernel[(n_rows,)](
             x,
             residual if residual is not None else x,
@@ -445,36 +454,37 @@ def row_norm_backward(
     partial_dw = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     partial_db = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     row_sums = torch.empty(n_rows if looped else 1, 3, dtype=torch.float32, device=x.device)
-    _row_norm_backward_kernel[(programs,)](
-        dy,
-        x,
-        weight if weight is not None else x,
-        mean,
-        rstd,
-        extra if extra is not None else x,
-        dx,
-        partial_dw,
-        partial_db,
-        row_sums,
-        n_rows,
-        n_cols,
-        CENTER=center,
-        HAS_WEIGHT=weight is not None,
-        HAS_EXTRA=extra is not None,
-        BLOCK=block,
-        LOOPED=looped,
-        num_warps=warps,
-    )
-    block_cols = 128
-    _sum_partials_kernel[(triton.cdiv(n_cols, block_cols),)](
-        partial_dw,
-        partial_db,
-        dweight,
-        dbias,
-        programs,
-        n_cols,
-        BLOCK_ROWS=32,
-        BLOCK_COLS=block_cols,
-        num_warps=4,
-    )
+    with _on_device_of(x):
+        _row_norm_backward_kernel[(programs,)](
+            dy,
+            x,
+            weight if weight is not None else x,
+            mean,
+            rstd,
+            extra if extra is not None else x,
+            dx,
+            partial_dw,
+            partial_db,
+            row_sums,
+            n_rows,
+            n_cols,
+            CENTER=center,
+            HAS_WEIGHT=weight is not None,
+            HAS_EXTRA=extra is not None,
+            BLOCK=block,
+            LOOPED=looped,
+            num_warps=warps,
+        )
+        block_cols = 128
+        _sum_partials_kernel[(triton.cdiv(n_cols, block_cols),)](
+            partial_dw,
+            partial_db,
+            dweight,
+            dbias,
+            programs,
+            n_cols,
+            BLOCK_ROWS=32,
+            BLOCK_COLS=block_cols,
+            num_warps=4,
+        )
     return dx, dweight, dbias
