@@ -205,6 +205,8 @@ def batch_renorm(
         )
 
     def renorm_affine(mean, var, weight, bias):
+        if input.numel() == 0:  # an empty batch has no statistics to correct (r=1, d=0)
+            return weight, bias
         shape = mean.shape
         running_std = (running_var.to(var.dtype).reshape(shape) + eps).sqrt()
         r = ((var + eps).sqrt() / running_std).clamp(1.0 / r_max, r_max)

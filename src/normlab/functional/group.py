@@ -55,7 +55,8 @@ def group_norm(
         )
     reduction = _axes.group_norm_axes().reduction
     count = real_count(x, reduction, mask)
-    check_enough_values(count, input, fn=fn, per="group", masked=mask is not None)
+    # No running statistics: the same check in eval (torch.nn returns the bias there).
+    check_enough_values(count, input, fn=fn, per="group", masked=mask is not None, training=False)
     param_shape = (1, num_groups, channels // num_groups, 1)
     y, _, _ = normalize(
         x, as_param(weight, param_shape), as_param(bias, param_shape), reduction, eps, mask=mask

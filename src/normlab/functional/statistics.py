@@ -41,16 +41,19 @@ def real_count(x: torch.Tensor, reduction: tuple[int, ...], mask: torch.Tensor |
     return mask_count(mask, x.shape, reduction)
 
 
-def check_enough_values(count, x: torch.Tensor, *, fn: str, per: str, masked: bool) -> None:
+def check_enough_values(
+    count, x: torch.Tensor, *, fn: str, per: str, masked: bool, training: bool = True
+) -> None:
     """Statistics of fewer than 2 values are meaningless in training: refuse, as torch does
     for one value (an empty unmasked input is allowed: its output is empty). With a mask,
     every statistic needs 2 real values; the check reads the mask's counts, so it is skipped
-    while torch.compile traces (data-dependent)."""
+    while torch.compile traces (data-dependent). ``training=False``: a norm without running
+    statistics (GroupNorm), whose input statistics are used in every mode."""
+    when = " when training" if training else ""
     if not masked:
         if count == 1:
             raise ValueError(
-                f"{fn}: expected more than 1 value per {per} when training, "
-                f"got input size {list(x.shape)}"
+                f"{fn}: expected more than 1 value per {per}{when}, got input size {list(x.shape)}"
             )
         return
     if torch.compiler.is_compiling():
@@ -58,7 +61,7 @@ def check_enough_values(count, x: torch.Tensor, *, fn: str, per: str, masked: bo
     fewest = int(count.min()) if count.numel() else 0
     if fewest < 2:
         raise ValueError(
-            f"{fn}: expected more than 1 value per {per} when training, got "
+            f"{fn}: expected more than 1 value per {per}{when}, got "
             f"{fewest} real value(s) in some {per} (mask of input size "
             f"{list(x.shape)})"
         )

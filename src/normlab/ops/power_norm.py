@@ -7,7 +7,6 @@ al. 2020); it is not the exact gradient of the forward, so it is first-order onl
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from normlab.kernels import power_norm as kernel
 from normlab.ops import dispatch
@@ -45,8 +44,9 @@ def power_norm_approx_backward(dy, x, weight, bias, phi, nu, reduction_dims, eps
         dx, dweight, dbias, new_nu = kernel.power_norm_backward(
             dy, x, weight, bias, phi, nu.reshape(phi.shape), reduction_dims, eps, alpha_bkw, mask
         )
-    with torch.no_grad():
-        nu.copy_(new_nu.reshape(nu.shape).to(nu.dtype))
+    if x.numel():  # an empty batch has no gradient statistics (0 / 0): nu stays
+        with torch.no_grad():
+            nu.copy_(new_nu.reshape(nu.shape).to(nu.dtype))
     return dx, dweight, dbias
 
 
@@ -59,8 +59,14 @@ class _PowerNormApprox(torch.autograd.Function):
         return power_norm_approx_forward(x, weight, bias, phi, reduction_dims, eps, mask)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(
+                "power_norm: PowerNorm's approximate backward (after warmup) is first-order "
+                "only: it is not the derivative of the forward, so it has none. "
+                "create_graph=True (double backward, a gradient penalty) is not supported; "
+                "in warmup the exact gradient supports it"
+            )
         x, weight, bias, phi, mask = ctx.saved_tensors
         reduction_dims, eps, alpha_bkw = ctx.config
         dx, dweight, dbias = power_norm_approx_backward(
