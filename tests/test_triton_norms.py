@@ -7,7 +7,11 @@ and every split of a reduction runs several times on these small inputs."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -439,3 +443,23 @@ def test_power_norm_module_on_triton_matches_composite_over_steps():
         _assert_same_step(got, (y, x.grad, [p.grad for p in twin.parameters()]))
         for name in ("running_phi", "running_grad_stat"):
             _close(getattr(ours, name), _np(getattr(twin, name)), tol(torch.float32), name)
+
+
+# --- compiled for a real GPU ---------------------------------------------------------------
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """Every kernel compiles to sm_90 machine code at the launchers' blocks and warps (the
+    interpreter accepts code the compiler rejects), within its register budget."""
+    pytest.importorskip("triton.backends.nvidia")
+    script = Path(__file__).with_name("triton_compile.py")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), "norms"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(reports) == 3 * 6 + 2 + 3 * 2 + 1
+    for report in reports:
+        assert report.get("stack", 0) <= 8, report
+        assert report.get("reg", 0) <= 65536 // (32 * report["num_warps"]), report

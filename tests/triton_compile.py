@@ -67,7 +67,80 @@ def _rows_cases():
     yield "sum partials", rows._sum_partials_kernel, signature, constants, 4
 
 
-FAMILIES = {"rows": _rows_cases}
+def _norms_cases():
+    """The GroupNorm, BatchNorm and PowerNorm kernels at the launchers' default blocks and
+    warps, with every flag that adds registers switched on: channels last (B == 1) and
+    channels first (B > 1; bfloat16 too), groups of a large and of a one-position layout."""
+    from normlab.kernels.gpu import channels, groups, moments, power_norm
+
+    def pointers(dtype, names, stats=()):
+        return {n: f"*{dtype}" for n in names} | {n: "*fp32" for n in stats}
+
+    ints = {"R": "i32", "C": "i32", "B": "i32"}
+    for dtype, channels_last in (("fp32", True), ("fp32", False), ("bf16", False)):
+        lay = channels.layout((4096, 256, 1) if channels_last else (32, 64, 3136))
+        common = {"CHANNELS_LAST": channels_last, "BLOCK_R": lay.block_r, "BLOCK_C": lay.block_c}
+        label = f"{dtype} B{'=' if channels_last else '>'}1"
+        warps = channels.WARPS
+        signature = pointers(dtype, ["x_ptr"], ["pn_ptr", "pmean_ptr", "pm2_ptr"])
+        signature |= {"mask_ptr": "*u8", "first_ptr": "*i64", **ints, "span": "i32"}
+        constants = {"MASKED": True, **common}
+        yield f"moments {label}", channels._moments_kernel, signature, constants, warps
+        signature = pointers(dtype, ["x_ptr", "y_ptr", "w_ptr", "b_ptr"])
+        signature |= pointers("fp32", ["center_ptr", "offset_ptr", "rstd_ptr"])
+        signature |= {**ints, "channel_tiles": "i32"}
+        flags = ("HAS_CENTER", "HAS_OFFSET", "HAS_WEIGHT", "HAS_BIAS")
+        constants = dict.fromkeys(flags, True) | common
+        yield f"apply {label}", channels._apply_kernel, signature, constants, warps
+        signature = pointers(dtype, ["dy_ptr", "x_ptr", "w_ptr", "dx_ptr"])
+        signature |= pointers("fp32", ["mean_ptr", "rstd_ptr", "pdb_ptr", "pdw_ptr", "pd_ptr"])
+        signature |= {"mask_ptr": "*u8", **ints, "span": "i32"}
+        for masked, given in ((True, False), (False, True)):
+            constants = {"MASKED": masked, "STATS_GIVEN": given, "HAS_WEIGHT": True, **common}
+            name = f"grad sums {label} given={given}"
+            yield name, channels._grad_sums_kernel, signature, constants, warps
+        signature = pointers(dtype, ["dy_ptr", "x_ptr", "w_ptr", "dx_ptr"])
+        signature |= pointers("fp32", ["mean_ptr", "rstd_ptr", "delta_ptr", "kb_ptr", "kk_ptr"])
+        signature |= {"mask_ptr": "*u8", **ints, "channel_tiles": "i32"}
+        constants = {"MASKED": True, "HAS_WEIGHT": True, **common}
+        yield f"input grad {label}", channels._input_grad_kernel, signature, constants, warps
+        signature = pointers(dtype, ["dy_ptr", "x_ptr", "w_ptr", "dx_ptr"])
+        signature |= pointers("fp32", ["rstd_ptr", "nu_ptr", "parts_ptr"])
+        signature |= {"mask_ptr": "*u8", **ints, "span": "i32"}
+        constants = {"MASKED": True, "HAS_WEIGHT": True, "NUM_SUMS": power_norm.SUMS, **common}
+        name = f"power norm backward {label}"
+        yield name, power_norm._power_norm_backward_kernel, signature, constants, warps
+    names = ["pn_ptr", "pmean_ptr", "pm2_ptr", "mean_ptr", "var_ptr", "rstd_ptr", "center_ptr"]
+    signature = pointers("fp32", ["x_ptr", *names, "offset_ptr", "count_ptr"])
+    signature |= {"first_ptr": "*i64", "partials": "i32", "C": "i32", "B": "i32", "eps": "fp32"}
+    constants = {"MASKED": True, "BLOCK_C": 128}
+    yield "moments finalize", channels._moments_finalize_kernel, signature, constants, 4
+    names = ["pdb_ptr", "pdw_ptr", "pd_ptr", "rstd_ptr", "count_ptr", "delta_ptr", "kb_ptr"]
+    signature = pointers("bf16", ["w_ptr", "dw_ptr", "db_ptr"], [*names, "kk_ptr"])
+    signature |= {"partials": "i32", "C": "i32"}
+    constants = {"STATS_GIVEN": False, "HAS_WEIGHT": True, "BLOCK_C": 128}
+    yield "grad finalize", channels._grad_finalize_kernel, signature, constants, 4
+    for dtype, per, positions in (("fp32", 16, 3136), ("bf16", 16, 3136), ("fp32", 32, 1)):
+        block_c, block_s = groups.tiles(per, positions)
+        constants = {"MASKED": True, "HAS_WEIGHT": True, "BLOCK_C": block_c, "BLOCK_S": block_s}
+        sizes = {"C": "i32", "S": "i32", "groups": "i32", "per": "i32"}
+        label = f"{dtype} {per}x{positions}"
+        signature = pointers(dtype, ["x_ptr", "w_ptr", "b_ptr", "y_ptr"])
+        signature |= pointers("fp32", ["mean_ptr", "var_ptr", "rstd_ptr"])
+        signature |= {"mask_ptr": "*u8", **sizes, "eps": "fp32"}
+        forward = constants | {"HAS_BIAS": True}
+        yield f"group norm {label}", groups._group_norm_kernel, signature, forward, groups.WARPS
+        signature = pointers(dtype, ["dy_ptr", "x_ptr", "w_ptr", "dx_ptr"])
+        signature |= pointers("fp32", ["mean_ptr", "rstd_ptr", "pw_ptr", "pb_ptr"])
+        signature |= {"mask_ptr": "*u8", **sizes}
+        kernel = groups._group_norm_backward_kernel
+        yield f"group norm backward {label}", kernel, signature, constants, groups.WARPS
+    signature = {"parts_ptr": "*fp32", "out_ptr": "*bf16", "rows": "i32", "cols": "i32"}
+    constants = {"BLOCK_ROWS": moments.COLUMN_BLOCK_ROWS, "BLOCK_COLS": 128}
+    yield "column sums", moments._column_sums_kernel, signature, constants, 4
+
+
+FAMILIES = {"rows": _rows_cases, "norms": _norms_cases}
 
 
 def _resource_usage(cubin: bytes) -> dict:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # a global a kernel reads: constexpr
 # Rows of partial sums a column-sum program adds per step.
 COLUMN_BLOCK_ROWS = 64
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from normlab.kernels.gpu.channels import (
+    WARPS,
     _channel_block,
     _given,
     _offsets,
@@ -65,6 +66,7 @@ def _power_norm_backward_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    NUM_SUMS: tl.constexpr,
 ):
     """dx of one span of rows and channel tile; its four sums to parts[span, k, c]."""
     pid_c = tl.program_id(0).to(tl.int64)
@@ -99,7 +101,7 @@ def _power_norm_backward_kernel(
         sdb += d
         sgamma += tl.where(real, xh * xh, 0.0)
         slam += tl.where(real, g * xh, 0.0)
-    out = pid_p * SUMS * C + cs
+    out = pid_p * NUM_SUMS * C + cs
     tl.store(parts_ptr + out, tl.sum(sdw, axis=0), mask=c_ok)
     tl.store(parts_ptr + out + C, tl.sum(sdb, axis=0), mask=c_ok)
     tl.store(parts_ptr + out + 2 * C, tl.sum(sgamma, axis=0), mask=c_ok)
@@ -133,6 +135,8 @@ def power_norm_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask
         CHANNELS_LAST=lay.channels_last,
         BLOCK_R=lay.block_r,
         BLOCK_C=lay.block_c,
+        NUM_SUMS=SUMS,
+        num_warps=WARPS,
     )
     sums = column_sums(parts, torch.empty(SUMS * c, dtype=torch.float32, device=x.device))
     sums = sums.reshape(SUMS, c)
