@@ -254,6 +254,20 @@ def test_batch_norm_without_real_elements_gives_nan_statistics():
     assert count.item() == 0 and mean.isnan().all() and var.isnan().all()
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 1), (4, 0, 2), (4, 3, 0)])
+def test_empty_inputs_launch_nothing(shape):
+    """No element: NaN statistics (as no real element), zero parameter gradients."""
+    x, dy, weight, bias = _data(shape, torch.float32, 20, shape[1])
+    y, mean, var, rstd, count = channels.batch_norm_train(x, weight, bias, EPS, None)
+    assert y.shape == shape and count.item() == 0 and mean.isnan().all() and var.isnan().all()
+    dx, dweight, dbias = channels.batch_norm_backward(dy, x, weight, mean, rstd, None, count, False)
+    assert dx.shape == shape and not dweight.any() and not dbias.any()
+    y, mean, _, rstd = groups.group_norm_forward(x, weight, bias, 1, EPS, None)
+    assert y.shape == shape and mean.shape == (shape[0], 1)
+    dx, dweight, dbias = groups.group_norm_backward(dy, x, weight, mean, rstd, 1, None)
+    assert dx.shape == shape and not dweight.any() and not dbias.any()
+
+
 # --- PowerNorm -----------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels.gpu.moments import block_moments, chan_merge, finite_or_zero
+from normlab.kernels.gpu.moments import block_moments, chan_merge, finite_or_zero, launch
 
 # Elements of x per block (a power of two).
 TILE = 4096
@@ -74,7 +74,7 @@ def layout(shape) -> Layout:
     them so that every loop runs several times on small inputs)."""
     a, c, b = shape
     rows = a * b
-    block_c = min(triton.next_power_of_2(c), MAX_TILE_CHANNELS) if b == 1 else 1
+    block_c = min(triton.next_power_of_2(max(c, 1)), MAX_TILE_CHANNELS) if b == 1 else 1
     block_r = max(1, min(TILE // block_c, triton.next_power_of_2(max(rows, 1))))
     tiles = triton.cdiv(rows, block_r)
     per_span = max(PARTIAL_TILES, triton.cdiv(tiles, MAX_PARTIALS))
@@ -259,9 +259,13 @@ def _apply_kernel(
 def channel_apply(x, center, offset, rstd, weight, bias) -> torch.Tensor:
     """y = ((x - center) - offset) * rstd * weight + bias on the (A, C, B) view x; every
     per-channel argument but ``rstd`` may be None (then 0, 0, 1, 0). Returns y (x's dtype)."""
-    lay = layout(x.shape)
     y = torch.empty_like(x)
-    _apply_kernel[(lay.row_tiles * lay.channel_tiles,)](
+    if x.numel() == 0:
+        return y
+    lay = layout(x.shape)
+    launch(
+        _apply_kernel,
+        (lay.row_tiles * lay.channel_tiles,),
         x,
         y,
         _given(center, x),
@@ -303,10 +307,16 @@ def _stats(x: torch.Tensor, mask: torch.Tensor | None, eps: float):
     lay = layout(x.shape)
     c, parts = lay.channels, lay.partials
     f32 = {"dtype": torch.float32, "device": x.device}
+    if x.numel() == 0:  # no element: NaN statistics, as without a real one
+        nan = torch.full((c,), float("nan"), **f32)
+        zero = torch.zeros(c, **f32)
+        return nan, nan.clone(), nan.clone(), zero, zero.clone(), torch.zeros(1, **f32)
     pn, pmean, pm2 = (torch.empty((parts, c), **f32) for _ in range(3))
     first = _first_real(mask, x)
     masked = mask is not None
-    _moments_kernel[(lay.channel_tiles, parts)](
+    launch(
+        _moments_kernel,
+        (lay.channel_tiles, parts),
         x,
         _given(mask, x),
         first,
@@ -326,7 +336,9 @@ def _stats(x: torch.Tensor, mask: torch.Tensor | None, eps: float):
     mean, var, rstd, center, offset = (torch.empty(c, **f32) for _ in range(5))
     count = torch.empty(1, **f32)
     block_c = min(triton.next_power_of_2(c), 128)
-    _moments_finalize_kernel[(triton.cdiv(c, block_c),)](
+    launch(
+        _moments_finalize_kernel,
+        (triton.cdiv(c, block_c),),
         x,
         first,
         pn,
@@ -559,6 +571,8 @@ def batch_norm_backward(
     c, parts = lay.channels, lay.partials
     f32 = {"dtype": torch.float32, "device": x.device}
     dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    if x.numel() == 0:  # sums over no element
+        return dx, dweight.zero_(), dbias.zero_()
     pdb, pdw, pd = (torch.empty((parts, c), **f32) for _ in range(3))
     masked = mask is not None
     has_weight = weight is not None
@@ -568,7 +582,9 @@ def batch_norm_backward(
         "BLOCK_C": lay.block_c,
         "num_warps": WARPS,
     }
-    _grad_sums_kernel[(lay.channel_tiles, parts)](
+    launch(
+        _grad_sums_kernel,
+        (lay.channel_tiles, parts),
         dy,
         x,
         mean,
@@ -590,7 +606,9 @@ def batch_norm_backward(
     )
     delta, kb, kk = (torch.empty(c, **f32) for _ in range(3))
     block_c = min(triton.next_power_of_2(c), 128)
-    _grad_finalize_kernel[(triton.cdiv(c, block_c),)](
+    launch(
+        _grad_finalize_kernel,
+        (triton.cdiv(c, block_c),),
         pdb,
         pdw,
         pd,
@@ -610,7 +628,9 @@ def batch_norm_backward(
     )
     if stats_given:
         return dx, dweight, dbias
-    _input_grad_kernel[(lay.row_tiles * lay.channel_tiles,)](
+    launch(
+        _input_grad_kernel,
+        (lay.row_tiles * lay.channel_tiles,),
         dy,
         x,
         mean,

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels.gpu.moments import chan_merge, column_sums, finite_or_zero
+from normlab.kernels.gpu.moments import chan_merge, column_sums, finite_or_zero, launch
 
 # Elements per tile (a power of two).
 TILE = 4096
@@ -161,8 +161,12 @@ def group_norm_forward(
     mean, var, rstd = (
         torch.empty((n, groups), dtype=torch.float32, device=x.device) for _ in range(3)
     )
+    if x.numel() == 0:  # no element: NaN statistics, as without a real one
+        return y, mean.fill_(float("nan")), var.fill_(float("nan")), rstd.fill_(float("nan"))
     block_c, block_s = tiles(per, s)
-    _group_norm_kernel[(n * groups,)](
+    launch(
+        _group_norm_kernel,
+        (n * groups,),
         x,
         _given(weight, x),
         _given(bias, x),
@@ -293,9 +297,13 @@ def group_norm_backward(
     n, c, s = x.shape
     per = c // groups
     dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    if x.numel() == 0:  # sums over no element
+        return dx, dweight.zero_(), dbias.zero_()
     pw, pb = (torch.empty((n, c), dtype=torch.float32, device=x.device) for _ in range(2))
     block_c, block_s = tiles(per, s)
-    _group_norm_backward_kernel[(n * groups,)](
+    launch(
+        _group_norm_backward_kernel,
+        (n * groups,),
         dy,
         x,
         _given(weight, x),

@@ -12,6 +12,9 @@ fixed order with Chan's formula: one read of x, no E[x^2] - E[x]^2 cancellation.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +22,17 @@ import triton.language as tl
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # a global a kernel reads: constexpr
 # Rows of partial sums a column-sum program adds per step.
 COLUMN_BLOCK_ROWS = 64
+
+
+def launch(kernel, grid, *args, **options) -> None:
+    """``kernel[grid](*args, **options)`` on the CUDA device of the first argument (Triton
+    launches on the current device); nothing for an empty grid (an empty input)."""
+    if math.prod(grid) == 0:
+        return
+    first = args[0]
+    on_device = torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext()
+    with on_device:
+        kernel[grid](*args, **options)
 
 
 @triton.jit
@@ -73,5 +87,14 @@ def column_sums(parts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     block_cols = min(triton.next_power_of_2(max(cols, 1)), 128)
     block_rows = min(COLUMN_BLOCK_ROWS, triton.next_power_of_2(max(rows, 1)))
     grid = (triton.cdiv(cols, block_cols),)
-    _column_sums_kernel[grid](parts, out, rows, cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+    launch(
+        _column_sums_kernel,
+        grid,
+        parts,
+        out,
+        rows,
+        cols,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+    )
     return out

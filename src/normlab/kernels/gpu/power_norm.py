@@ -30,7 +30,7 @@ from normlab.kernels.gpu.channels import (
     channel_apply,
     layout,
 )
-from normlab.kernels.gpu.moments import column_sums
+from normlab.kernels.gpu.moments import column_sums, launch
 
 SUMS = 4  # dweight, dbias, gamma, lam
 
@@ -116,8 +116,15 @@ def power_norm_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask
     m = plan.kernel_mask(x, mask)
     nu32 = nu.reshape(-1).float()
     dx = torch.empty_like(x)
+    if x.numel() == 0:  # no element: no gradient, nu unchanged
+        zeros = torch.zeros(c, dtype=torch.float32, device=x.device)
+        dweight = None if weight is None else zeros.to(weight.dtype).reshape(weight.shape)
+        dbias = None if bias is None else zeros.to(bias.dtype).reshape(bias.shape)
+        return dx, dweight, dbias, nu32.clone()
     parts = torch.empty((lay.partials, SUMS * c), dtype=torch.float32, device=x.device)
-    _power_norm_backward_kernel[(lay.channel_tiles, lay.partials)](
+    launch(
+        _power_norm_backward_kernel,
+        (lay.channel_tiles, lay.partials),
         dy.contiguous().reshape(plan.view),
         x.reshape(plan.view),
         rstd,
