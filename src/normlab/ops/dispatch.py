@@ -39,7 +39,7 @@ KERNEL_DTYPES = {
 
 # Layouts whose custom ops have a Triton (CUDA) implementation; a family joins this set
 # when its ops are wired (``fused_common.fused_op(..., cuda_impl=...)``).
-TRITON_LAYOUTS = frozenset({"rows"})
+TRITON_LAYOUTS = frozenset({"rows", "groups", "channels"})
 
 
 @dataclass(frozen=True)
