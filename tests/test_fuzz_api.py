@@ -113,3 +113,31 @@ def test_integer_running_statistics_and_parameters_are_a_type_error(dtype):
         F.power_norm(x, torch.ones(3, dtype=dtype), torch.zeros(3), training=True, warmup=True)
     with pytest.raises(TypeError, match=r"layer_norm: weight must be a floating-point"):
         F.layer_norm(x, 3, torch.ones(3, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", FUZZ_BACKENDS, indirect=True)
+def test_ghost_batch_norm_of_an_empty_batch_is_empty(backend):
+    # Found by fuzzing: 0 samples make 0 virtual batches; reshaping their statistics to
+    # (0, -1) raised a RuntimeError from torch, and then their average (of none) made the
+    # running statistics NaN. An empty batch leaves them as they are, as without ghosts.
+    x = torch.zeros(0, 3, 4, requires_grad=True)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    y = F.batch_norm(x, running_mean, running_var, training=True, virtual_batch_size=2)
+    assert y.shape == (0, 3, 4)
+    assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
+
+
+def test_reference_keeps_nan_in_padding_out_of_real_elements():
+    # Found by fuzzing: the reference multiplied padding by 0 (NaN * 0 = NaN) where the
+    # backends select it away, so a NaN in the padding made the reference's real outputs and
+    # gradients NaN. The backends' policy (NaN in padding stays out) is the specification.
+    x = np.array([[np.nan, 0.5, 1.5, -1.0]])  # (C=1, L=4), channels first
+    mask = np.array([False, True, True, True])
+    dy = np.array([[0.0, 1.0, -2.0, 0.5]])
+    real = x[0, 1:]
+    y = ref.batch_norm_train(x, dim=0, mask=mask, eps=0.0)
+    np.testing.assert_allclose(y[0, 1:], (real - real.mean()) / real.std(), rtol=1e-12)
+    dx, dweight, _ = ref.batch_norm_train_backward(dy, x, np.ones(1), None, dim=0, mask=mask)
+    assert np.isfinite(dx[0, 1:]).all() and np.isfinite(dweight).all()
+    dx, _, _, nu = ref.power_norm_backward(dy, x, np.ones(1), np.zeros(1), dim=0, mask=mask)
+    assert np.isfinite(dx[0, 1:]).all() and np.isfinite(nu).all()

@@ -24,6 +24,7 @@ from fuzz_api import check_call
 from normlab import axes as _axes
 from normlab import backends
 from normlab import functional as F
+from normlab.ops import dispatch
 from tolerances import grad_tol, tol
 
 # The backends every property runs on. A backend added to normlab.backends.BACKENDS joins
@@ -342,17 +343,19 @@ def test_layer_norm_input_gradient_sums_to_zero_over_the_normalized_axes(backend
 def _backend_calls():
     """backend -> strategy of the calls it runs. A forced kernel backend refuses calls it
     cannot take (a ValueError saying why); those examples are rejected, not failed. Triton
-    (on CPU in its interpreter, slow) gets small inputs of the rows layout it implements."""
+    (on CPU in its interpreter, slow) gets small contiguous inputs of the norms whose layouts
+    have Triton kernels (dispatch.TRITON_LAYOUTS)."""
     cases = {
         "auto": S.calls(long_axis=80),
         "composite": S.calls(long_axis=80),
         "numba": S.calls(dtypes=S.FLOAT_KERNEL_DTYPES, long_axis=80),
     }
     if "triton" in backends.BACKENDS and backends.triton_available():
+        wired = {"rows": S.FUNCTIONS[:4], "channels": S.FUNCTIONS[4:7], "groups": S.FUNCTIONS[7:]}
         cases["triton"] = S.calls(
-            dtypes=(torch.float32, torch.float16, torch.bfloat16),
+            dtypes=dispatch.KERNEL_DTYPES["triton"],
             max_size=4,
-            functions=("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"),
+            functions=sum((wired[layout] for layout in sorted(dispatch.TRITON_LAYOUTS)), ()),
             layouts=("contiguous",),
         )
     return cases

@@ -90,7 +90,13 @@ def _batch_statistics_norm(
         weight, bias = affine(mean, var, weight, bias)
     y, mean, var = normalize(x, weight, bias, axes.reduction, eps, mask=m)
     groups = x.shape[0] if virtual_batch_size is not None else 1
-    return y.reshape(input.shape), mean.reshape(groups, -1), var.reshape(groups, -1), count
+    channels = input.shape[channel]  # not -1: an empty batch has 0 virtual batches
+    return (
+        y.reshape(input.shape),
+        mean.reshape(groups, channels),
+        var.reshape(groups, channels),
+        count,
+    )
 
 
 def batch_norm(

@@ -78,6 +78,8 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum) 
     """
     if running_mean is None and running_var is None:
         return
+    if mean.shape[0] == 0:  # no samples: no (virtual) batch to average
+        return
     if isinstance(count, int):
         if count < 2:  # an empty batch carries no statistics
             return

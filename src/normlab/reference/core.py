@@ -47,11 +47,12 @@ def statistics(x, axes: NormAxes, *, center: bool = True, mask=None):
     x = _f64(x)
     m = np.ones_like(x) if mask is None else np.broadcast_to(_f64(mask), x.shape)
     count = m.sum(axis=axes.reduction, keepdims=True)
+    real = m != 0  # padding is selected away, not multiplied by 0: NaN/Inf there stays out
     if center:
-        mean = (m * x).sum(axis=axes.reduction, keepdims=True) / count
+        mean = np.where(real, x, 0).sum(axis=axes.reduction, keepdims=True) / count
     else:
         mean = np.zeros(axes.stat_shape(x.shape))
-    var = (m * np.square(x - mean)).sum(axis=axes.reduction, keepdims=True) / count
+    var = np.where(real, np.square(x - mean), 0).sum(axis=axes.reduction, keepdims=True) / count
     return mean, var
 
 
@@ -108,14 +109,18 @@ def normalize_backward(
     def sum_r(t):
         return t.sum(axis=axes.reduction, keepdims=True)
 
+    # Selected, not multiplied: NaN/Inf in padding (where dy = 0) stays out of the sums.
+    real = m != 0
+    g_xhat = np.where(g == 0, 0, g * xhat) if mask is not None else g * xhat
     if stats_given:
         dx = g * rstd
     elif center:
-        dx = (g - m * sum_r(g) / count - m * xhat * sum_r(g * xhat) / count) * rstd
+        dx = (g - np.where(real, sum_r(g) / count + xhat * sum_r(g_xhat) / count, 0)) * rstd
     else:
-        dx = (g - m * xhat * sum_r(g * xhat) / count) * rstd
+        dx = (g - np.where(real, xhat * sum_r(g_xhat) / count, 0)) * rstd
 
     batch_axes = tuple(a for a in range(x.ndim) if a not in axes.feature)
-    dweight = None if weight is None else (dy * xhat).sum(axis=batch_axes).reshape(np.shape(weight))
+    dy_xhat = np.where(dy == 0, 0, dy * xhat) if mask is not None else dy * xhat
+    dweight = None if weight is None else dy_xhat.sum(axis=batch_axes).reshape(np.shape(weight))
     dbias = None if bias is None else dy.sum(axis=batch_axes).reshape(np.shape(bias))
     return dx, dweight, dbias

@@ -65,12 +65,14 @@ def power_norm_backward(
     g = dy if weight is None else dy * _f64(weight).reshape(axes.param_shape(np.shape(x)))
     real = np.ones(np.shape(x)) if m is None else np.broadcast_to(m, np.shape(x))
     count = real.sum(axis=axes.reduction, keepdims=True)
-    gamma = (real * xhat**2).sum(axis=axes.reduction, keepdims=True) / count
-    lam = (real * g * xhat).sum(axis=axes.reduction, keepdims=True) / count
+    selected = real != 0  # selected, not multiplied: NaN/Inf in padding stays out
+    gamma = np.where(selected, xhat**2, 0).sum(axis=axes.reduction, keepdims=True) / count
+    lam = np.where(selected, g * xhat, 0).sum(axis=axes.reduction, keepdims=True) / count
     new_nu = nu * (1 - (1 - alpha_bkw) * gamma) + (1 - alpha_bkw) * lam
-    dx = (g - real * nu * xhat) * rstd
+    dx = (g - np.where(selected, nu * xhat, 0)) * rstd
     batch_axes = tuple(a for a in range(np.ndim(x)) if a not in axes.feature)
-    dweight = None if weight is None else (dy * xhat).sum(axis=batch_axes)
+    dy_xhat = dy * xhat if m is None else np.where(dy == 0, 0, dy * xhat)
+    dweight = None if weight is None else dy_xhat.sum(axis=batch_axes)
     dbias = None if bias is None else dy.sum(axis=batch_axes)
     return dx, dweight, dbias, new_nu.ravel()
 
