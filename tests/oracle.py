@@ -281,7 +281,7 @@ def _instance_norm(a):
     result = Expected((y,), gradients=gradients)
     rm, rv = a["running_mean"], a["running_var"]
     if rm is not None or rv is not None:
-        if x.shape[0]:
+        if x.shape[0] and _enough(xs[:, :1], 1, mask):  # (an instance without values: no update)
             rm0 = np.zeros(x.shape[1]) if rm is None else f64(rm)
             rv0 = np.ones(x.shape[1]) if rv is None else f64(rv)
             new_mean, new_var = ref.instance_norm_update_running_stats(
@@ -321,7 +321,8 @@ def _power_norm(a):
         dx, dw, db, new_nu = ref.power_norm_backward(
             dy, xs, phi, nu, w, b, eps, a["alpha_bkw"], dim, mask
         )
-        result.after_backward["running_grad_stat"] = new_nu
+        # an empty batch leaves nu as it is (normlab's policy, docs/edge-cases.md)
+        result.after_backward["running_grad_stat"] = new_nu if xs.size else nu
         return {"input": dx, "weight": dw, "bias": db}
 
     result.gradients = approximate_gradients
