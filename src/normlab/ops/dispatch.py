@@ -119,6 +119,9 @@ def _channels(x, reduction, weight, bias, mean, var, mask, center):
     others = [d for d in range(nd) if d != c]
     if any(_varies(t, others) for t in (weight, bias, mean, var)):
         return "the parameters or statistics vary along a reduced axis"
+    if any(t is not None and t.shape[c] != x.shape[c] for t in (weight, bias, mean, var)):
+        # e.g. LayerNorm over all axes but one, whose normalized axes have size 1
+        return "the parameters or statistics do not have one entry per channel"
     if (mean is None) != (var is None):
         return "only one of mean and var given"
     if mean is None and not center:
