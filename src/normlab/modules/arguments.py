@@ -76,10 +76,10 @@ def check_axis(owner: str, argument: str, value) -> None:
         )
 
 
-def check_common(owner: str, *, eps, dtype, **flags) -> None:
-    """What every norm module takes: eps >= 0 (None allowed only where passed as such by
-    RMSNorm), a floating dtype, bool flags."""
-    if eps is not None:
+def check_common(owner: str, *, eps, dtype, eps_may_be_none: bool = False, **flags) -> None:
+    """What every norm module takes: eps >= 0 (None only where ``eps_may_be_none``:
+    RMSNorm's default, torch.finfo(dtype).eps), a floating dtype, bool flags."""
+    if eps is not None or not eps_may_be_none:
         check_real(owner, "eps", eps, 0.0)
     check_dtype(owner, dtype)
     for argument, value in flags.items():

@@ -19,7 +19,14 @@ class _FeatureNorm(nn.Module):
     def __init__(self, normalized_shape, eps, elementwise_affine, bias, dim, device, dtype):
         super().__init__()
         owner = type(self).__name__
-        check_common(owner, eps=eps, dtype=dtype, elementwise_affine=elementwise_affine, bias=bias)
+        check_common(
+            owner,
+            eps=eps,
+            dtype=dtype,
+            eps_may_be_none=True,
+            elementwise_affine=elementwise_affine,
+            bias=bias,
+        )
         self.normalized_shape = as_shape(normalized_shape)
         self.dim = as_dims(dim, len(self.normalized_shape))
         self.eps = eps
