@@ -73,6 +73,13 @@ def train(rank: int, world_size: int, port: int, steps: int) -> None:
     if rank == 0:
         same = all(torch.equal(means[0], m) for m in means)
         print(f"running statistics identical on all {world_size} ranks: {same}")
+    # Teardown: free the DDP model (its reducer holds the process group) while the group is
+    # alive, and wait at a barrier (the GIL released) so that gloo's threads can drop the
+    # last collectives' tensors. Otherwise the group's destructor, run with the GIL held,
+    # can wait forever for a gloo thread that waits for the GIL (pytorch/pytorch#56297):
+    # seen here as a hang at exit when the machine was slow (cold Numba cache).
+    del model, optimizer, means
+    dist.barrier()
     dist.destroy_process_group()
 
 
