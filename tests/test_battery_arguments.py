@@ -223,6 +223,38 @@ BAD_FUNCTIONAL_ARGUMENTS = {
         ValueError,
         r"batch_renorm: expected r_max >= 1",
     ),
+    "eps-negative": (
+        lambda: F.layer_norm(X, (5,), eps=-1e-5),
+        ValueError,
+        r"layer_norm: eps must be a finite number >= 0.0, got -1e-05",
+    ),
+    "eps-nan": (
+        lambda: F.group_norm(X, 2, eps=float("nan")),
+        ValueError,
+        r"group_norm: eps must be a finite number >= 0.0, got nan",
+    ),
+    "eps-inf": (
+        lambda: F.rms_norm(X, (5,), eps=float("inf")),
+        ValueError,
+        r"rms_norm: eps must be a finite number >= 0.0, got inf",
+    ),
+    "momentum-above-1": (
+        lambda: F.batch_norm(X, torch.zeros(4), torch.ones(4), training=True, momentum=2.0),
+        ValueError,
+        r"batch_norm: momentum must be a finite number in \[0.0, 1.0\], got 2.0",
+    ),
+    "momentum-negative": (
+        lambda: F.instance_norm(
+            X, torch.zeros(4), torch.ones(4), use_input_stats=True, momentum=-0.1
+        ),
+        ValueError,
+        r"instance_norm: momentum must be a finite number in \[0.0, 1.0\]",
+    ),
+    "alpha_bkw": (
+        lambda: F.power_norm(X, torch.ones(5), torch.zeros(5), training=True, alpha_bkw=1.5),
+        ValueError,
+        r"power_norm: alpha_bkw must be a finite number in \[0.0, 1.0\]",
+    ),
     "virtual_batch_size": (
         lambda: F.batch_norm(X, None, None, training=True, virtual_batch_size=0),
         ValueError,
