@@ -400,3 +400,12 @@ def test_autocast_bf16_linear_then_norm_matches_torch(name):
     eps = torch.finfo(torch.bfloat16).eps
     expected64 = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps) * ours[1].weight.double()
     torch.testing.assert_close(y.double(), expected64, **tol(torch.bfloat16))
+
+
+def test_dynamo_explain_finds_no_graph_break_in_every_layer():
+    """The issue's count, literally: torch._dynamo.explain on a model holding every normlab
+    layer (a training PowerNorm included) reports one graph and no graph break."""
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(_randomise(EveryNorm()))(*_inputs())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -78,7 +78,11 @@ class BatchRenorm(BatchNorm):
         self.warmup_steps, self.ramp_steps = warmup_steps, ramp_steps
 
     def current_limits(self) -> tuple[float, float]:
-        """(r_max, d_max) for the next training step under the schedule."""
+        """(r_max, d_max) for the next training step under the schedule. Without a schedule
+        (the default) they do not depend on the step, which is then not read: no host sync,
+        and no value of a buffer for torch.compile to specialize on."""
+        if self.warmup_steps == 0 and self.ramp_steps == 0:
+            return renorm_limits(1, self.r_max, self.d_max, 0, 0)
         step = int(self.num_batches_tracked) + (1 if self.training else 0)
         return renorm_limits(step, self.r_max, self.d_max, self.warmup_steps, self.ramp_steps)
 
