@@ -17,6 +17,28 @@ from normlab.ops import normalize, power_norm_approx
 from normlab.ops.power_norm_train import power_norm_train
 
 
+def _prepare(input, running_phi, running_grad_stat, weight, bias, dim, mask, lengths):
+    """Validate a PowerNorm call: (axes, channel mask, parameter shape, weight, bias), the
+    parameters reshaped to broadcast against ``input``."""
+    fn = "power_norm"
+    norm_axes, mask = prepare_channel_norm(
+        fn,
+        input,
+        dim,
+        mask,
+        lengths,
+        running_phi=running_phi,
+        running_grad_stat=running_grad_stat,
+        weight=weight,
+        bias=bias,
+    )
+    for name, buffer in (("running_phi", running_phi), ("running_grad_stat", running_grad_stat)):
+        if buffer is None:
+            raise ValueError(f"{fn}: {name} is required, got None")
+    shape = norm_axes.param_shape(input.shape)
+    return norm_axes, mask, shape, as_param(weight, shape), as_param(bias, shape)
+
+
 def power_norm(
     input: torch.Tensor,
     running_phi: torch.Tensor,
@@ -51,23 +73,10 @@ def power_norm(
     :math:`\psi^2_B` nor the gradient statistics.
     """
     fn = "power_norm"
-    norm_axes, mask = prepare_channel_norm(
-        fn,
-        input,
-        dim,
-        mask,
-        lengths,
-        running_phi=running_phi,
-        running_grad_stat=running_grad_stat,
-        weight=weight,
-        bias=bias,
+    norm_axes, mask, shape, weight, bias = _prepare(
+        input, running_phi, running_grad_stat, weight, bias, dim, mask, lengths
     )
-    for name, buffer in (("running_phi", running_phi), ("running_grad_stat", running_grad_stat)):
-        if buffer is None:
-            raise ValueError(f"{fn}: {name} is required, got None")
     check_reals(fn, eps=eps, momentum=momentum, alpha_bkw=alpha_bkw)
-    shape = norm_axes.param_shape(input.shape)
-    weight, bias = as_param(weight, shape), as_param(bias, shape)
     if not training:
         y, _, _ = normalize(
             input,
@@ -131,19 +140,9 @@ def power_norm_train_step(
     Same numbers as ``power_norm(..., training=True, momentum=1/step or 1 - alpha_fwd,
     warmup=step <= warmup_iters)``."""
     fn = "power_norm"
-    norm_axes, mask = prepare_channel_norm(
-        fn,
-        input,
-        dim,
-        mask,
-        lengths,
-        running_phi=running_phi,
-        running_grad_stat=running_grad_stat,
-        weight=weight,
-        bias=bias,
+    norm_axes, mask, shape, weight, bias = _prepare(
+        input, running_phi, running_grad_stat, weight, bias, dim, mask, lengths
     )
-    shape = norm_axes.param_shape(input.shape)
-    weight, bias = as_param(weight, shape), as_param(bias, shape)
     count = real_count(input, norm_axes.reduction, mask)
     check_enough_values(count, input, fn=fn, per="channel", masked=mask is not None)
     y, batch_phi, _ = power_norm_train(
