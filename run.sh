@@ -29,7 +29,7 @@ case "${1:-}" in
     ;;
   test)
     setup test
-    "$VENV/bin/ruff" check src tests examples
+    "$VENV/bin/ruff" check src tests examples scripts
     "$VENV/bin/python" -m pytest "${@:2}"
     ;;
   *)

@@ -48,12 +48,15 @@ import triton.language as tl
 
 # Block sizes and warps by feature count. The limits keep every variant free of register
 # spills on sm_90 (64 registers a thread at 32 warps, 128 at 16, 255 at 8), as ptxas
-# reports them (cuobjdump --dump-resource-usage) for float32 and bfloat16.
+# reports them (cuobjdump --dump-resource-usage) for float32 and bfloat16. The backward's
+# warps, grid and looped block were chosen from a sweep on an H200 (scripts/triton_sweep.py,
+# docs/benchmarks.md, 2026-12-04): 32768 rows, GB/s of the kernels alone.
 MAX_FUSED_FORWARD = 16384  # features kept in registers by the forward (32 warps)
 MAX_FUSED_BACKWARD = 8192  # the backward also holds dy and two partial sums a thread
 LOOP_BLOCK_FORWARD_BYTES = 16384  # looped forward: 8192 bf16 / 4096 fp32 columns a block
-LOOP_BLOCK_BACKWARD = 2048  # looped backward: columns a block, at 16 warps (60 registers)
-LOOP_WARPS_BACKWARD = 16
+LOOP_BLOCK_BACKWARD = 2048  # looped backward: columns a block
+LOOP_WARPS_BACKWARD = 8  # 4 programs a SM: 2456 / 2312 GB/s (fp32 / bf16) at 16384 features,
+# where 16 warps and 2 programs a SM gave 2426 / 1923
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # a global a kernel reads: constexpr
 
 
@@ -79,8 +82,12 @@ def num_warps(block: int) -> int:
 
 
 def backward_warps(block: int, looped: bool) -> int:
-    """The backward holds more a thread: 8 elements a thread, 4 to 32 warps (16 looped)."""
-    return LOOP_WARPS_BACKWARD if looped else min(32, max(4, block // 256))
+    """The backward, row in registers: 16 elements a thread up to 4096 features (4 to 8
+    warps; at 4096, 8 warps and 2 programs a SM gave 3593 / 2534 GB/s fp32 / bf16 on an H200,
+    16 warps and 1 program 2941 / 1830), 8 a thread beyond (32 warps at 8192)."""
+    if looped:
+        return LOOP_WARPS_BACKWARD
+    return max(4, block // 512) if block <= 4096 else min(32, block // 256)
 
 
 def programs_per_device(x: torch.Tensor, per_sm: int) -> int:
@@ -442,9 +449,9 @@ def row_norm_backward(
     block = block or backward_block(n_cols)
     looped = block < n_cols
     warps = backward_warps(block, looped)
-    # Resident programs a SM, from the registers ptxas reports (64K a SM): about 16 warps
-    # when the row is in registers, two 16-warp programs looped.
-    per_sm = 2 if looped else max(1, 16 // warps)
+    # Programs a SM: 16 warps' worth when the row is in registers, 32 looped (measured
+    # faster than fewer, larger programs; see backward_warps).
+    per_sm = 32 // warps if looped else max(1, 16 // warps)
     programs = max(1, min(n_rows, programs or programs_per_device(x, per_sm)))
     dx = torch.empty_like(x)
     dweight = torch.empty(n_cols, dtype=x.dtype, device=x.device)
