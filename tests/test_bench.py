@@ -76,7 +76,8 @@ def _check_case(case: dict, repetitions: int, threads: int = 1) -> None:
         n_tensors = (
             4 if case["op"].startswith("add_") else (2 if direction_name == "forward" else 3)
         )
-        assert direction["traffic_bytes"] == n_tensors * math.prod(shape) * 4
+        element_size = getattr(torch, case["dtype"]).itemsize
+        assert direction["traffic_bytes"] == n_tensors * math.prod(shape) * element_size
         assert direction["torch_threads"] == threads
         running = {n for n, r in case["contenders"].items() if r["status"] == "ok"}
         assert set(direction["timings"]) == running | {measure.COPY_INPLACE, measure.COPY_CLONE}
@@ -181,6 +182,9 @@ def test_cli_quick_runs_both_allocation_modes_in_subprocesses(tmp_path):
         "cnn": 3,
         "mlp": 2,
     }
+    assert "whole models: normlab.convert vs unconverted" in result.stdout
+    assert set(report["models"]) == {"llama", "bert", "convnext"}
+    assert "### Whole models" in markdown_path.read_text()
 
 
 def test_fold_timing_compares_equal_models(restore_threads):
@@ -228,7 +232,13 @@ def test_plain_torch_masked_baselines_match_normlab(variant, channel_dim):
 
 def test_grid_selection_lengths_traffic_and_options():
     assert {c.op for c in cases.select("default")} == set(cases.OPS)
-    assert len(cases.select("default", ["layer_norm"])) == 3
+    layer_norms = cases.select("default", ["layer_norm"])
+    big = [c for c in layer_norms if c.layout == "contiguous" and c.dtype == "float32"]
+    assert [c.shape for c in big if c.shape[0] > 8] == [(8192, 1024), (32768, 768), (4096, 4096)]
+    # The paths users hit: decode sizes, half precision, channels-first, strided.
+    assert {(1, 4096), (8, 4096)} <= {c.shape for c in big}
+    assert {c.dtype for c in layer_norms} == {"float32", "bfloat16", "float16"}
+    assert {c.layout for c in layer_norms} == {"contiguous", "channels_first", "strided"}
     with pytest.raises(ValueError, match="unknown op"):
         cases.select("default", ["layernorm"])
     lengths = padded_lengths(64, 512, 0.3)
@@ -245,3 +255,23 @@ def test_grid_selection_lengths_traffic_and_options():
     )
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--only", "layernorm"])
+
+
+def test_whole_model_timing_compares_equal_models(restore_threads):
+    """Each model converted with normlab.convert computes what the original does, and every
+    call (decode, prefill, training step) is timed for both, the ratio original/converted."""
+    pytest.importorskip("transformers")
+    from normlab.bench import models
+
+    results = models.measure("toy", repetitions=2, warmup=0)
+    assert set(results) == set(models.MODELS)
+    for name, entry in results.items():
+        assert entry["converted"], name  # convert found norms to replace
+        assert set(entry["calls"]) == set(models.CALLS)
+        for call, r in entry["calls"].items():
+            assert r["max_abs_diff"] < 1e-4, (name, call)
+            assert all(t > 0 for t in r["median_s"].values())
+            assert r["ratio"] == r["median_s"]["original"] / r["median_s"]["converted"]
+    original, converted, _ = models.build("convnext", "toy")
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in original.modules())
+    assert not any(type(m) is torch.nn.LayerNorm for m in converted.modules())

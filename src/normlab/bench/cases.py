@@ -34,7 +34,11 @@ class Case:
     (B, L, C) for BatchNorm (``channel_dim`` 1 or -1), (N, C, H, W) for GroupNorm and
     InstanceNorm. ``training`` selects BatchNorm's batch statistics (else running ones);
     ``padding`` is the fraction of padded positions (BatchNorm via ``lengths=``; 0: no mask).
-    ``dtype``: the inputs' and parameters' dtype (a ``torch`` attribute name).
+    ``dtype``: the inputs' and parameters' dtype (a ``torch`` attribute name). ``layout``
+    (feature norms): "contiguous"; "strided", x a (rows, features) view of every other
+    block of features of a (rows, 2 * features) tensor (rows not adjacent); "channels_first",
+    LayerNorm over axis 1 of (N, C, H, W) (the ConvNeXt case; torch runs permute, LayerNorm,
+    permute back).
     """
 
     op: str
@@ -44,6 +48,7 @@ class Case:
     padding: float = 0.0
     groups: int = 32
     dtype: str = "float32"
+    layout: str = "contiguous"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -67,7 +72,8 @@ class Case:
             return f"{mode} {layout}{pad}"
         if self.op == "group_norm":
             return f"{self.groups} groups"
-        return "" if self.dtype == "float32" else self.dtype
+        words = [] if self.layout == "contiguous" else [self.layout.replace("_", "-")]
+        return " ".join(words + ([] if self.dtype == "float32" else [self.dtype]))
 
     @property
     def label(self) -> str:
@@ -93,6 +99,22 @@ def _gpu_feature_cases(rows: int, features: list[int]) -> list[Case]:
     ]
 
 
+def _path_cases(decode: int, half: tuple[int, int], image, strided) -> list[Case]:
+    """The calls a converted model makes besides big contiguous float32 rows: decode-size
+    inputs (1 and 8 rows), bfloat16 and float16 on the CPU, channels-first LayerNorm and a
+    strided view."""
+    return [
+        *(Case(op, (rows, decode)) for op in ("layer_norm", "rms_norm") for rows in (1, 8)),
+        *(
+            Case(op, half, dtype=dtype)
+            for op in ("layer_norm", "rms_norm")
+            for dtype in ("bfloat16", "float16")
+        ),
+        Case("layer_norm", image, layout="channels_first"),
+        Case("layer_norm", strided, layout="strided"),
+    ]
+
+
 def _batch_norm_cases(ncl: tuple[int, int, int], nlc: tuple[int, int, int]) -> list[Case]:
     cases = []
     for padding in (0.0, PADDING):
@@ -109,16 +131,22 @@ def _image_cases(shape: tuple[int, int, int, int], groups: int) -> list[Case]:
 
 GRIDS: dict[str, list[Case]] = {
     "default": _feature_cases([(8192, 1024), (32768, 768), (4096, 4096)])
+    + _path_cases(4096, (8192, 1024), (16, 96, 56, 56), (2048, 1024))
     + _batch_norm_cases((64, 256, 512), (64, 512, 256))
     + _image_cases((32, 256, 32, 32), 32),
     "quick": [
         *_feature_cases([(8192, 1024)]),
+        Case("layer_norm", (1, 4096)),
+        Case("layer_norm", (8192, 1024), dtype="bfloat16"),
+        Case("layer_norm", (16, 96, 56, 56), layout="channels_first"),
+        Case("layer_norm", (2048, 1024), layout="strided"),
         Case("batch_norm", (64, 256, 512), channel_dim=1),
         Case("batch_norm", (64, 512, 256), channel_dim=-1, padding=PADDING),
         Case("batch_norm", (64, 256, 512), channel_dim=1, training=False),
         *_image_cases((32, 256, 32, 32), 32),
     ],
     "toy": _feature_cases([(64, 32)])
+    + _path_cases(32, (16, 32), (2, 8, 4, 4), (16, 32))
     + _batch_norm_cases((4, 8, 16), (4, 16, 8))
     + _image_cases((2, 8, 4, 4), 4),
     # On a CUDA device (``normlab.bench.gpu``): the issue's rows x features, and smaller.

@@ -130,6 +130,17 @@ def normlab_layer_norm(x, weight, bias):
     return nlf.layer_norm(x, (x.shape[-1],), weight, bias, EPS)
 
 
+def torch_channels_first_layer_norm(x, weight, bias):
+    """What a ConvNeXt block does in torch: permute to channels last, LayerNorm, permute
+    back (a view; the LayerNorm copies its non-contiguous input)."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, EPS)
+    return y.permute(0, 3, 1, 2)
+
+
+def normlab_channels_first_layer_norm(x, weight, bias):
+    return nlf.layer_norm(x, (x.shape[1],), weight, bias, EPS, dim=1)
+
+
 def normlab_rms_norm(x, weight):
     return nlf.rms_norm(x, (x.shape[-1],), weight)
 
@@ -165,10 +176,23 @@ def normlab_instance_norm(x, weight, bias):
     return nlf.instance_norm(x, None, None, weight, bias, True, MOMENTUM, EPS)
 
 
+def _feature_input(case: Case, g: torch.Generator) -> torch.Tensor:
+    """x in the case's layout, a leaf that requires grad: contiguous, or a strided view
+    (every other block of ``features`` columns of a twice-as-wide tensor)."""
+    dtype = case.torch_dtype
+    if case.layout == "strided":
+        rows, features = case.shape
+        x = _randn((rows, 2 * features), g, dtype)[:, :features]
+    else:
+        x = _randn(case.shape, g, dtype)
+    return x.detach().requires_grad_()
+
+
 def _feature_workload(case: Case, g: torch.Generator) -> Workload:
     dtype = case.torch_dtype
-    x = _randn(case.shape, g, dtype).requires_grad_()
-    weight, bias = _affine(case.shape[-1], g, dtype)
+    x = _feature_input(case, g)
+    features = case.shape[1] if case.layout == "channels_first" else case.shape[-1]
+    weight, bias = _affine(features, g, dtype)
     dy = _randn(case.shape, g, dtype)
     if case.op in ("add_layer_norm", "add_rms_norm"):
         residual = _randn(case.shape, g, dtype).requires_grad_()
@@ -188,7 +212,10 @@ def _feature_workload(case: Case, g: torch.Generator) -> Workload:
             args,
             (dy, dsum),
         )
-    if case.op == "layer_norm":
+    if case.op == "layer_norm" and case.layout == "channels_first":
+        args = (x, weight, bias)
+        eager, ours = torch_channels_first_layer_norm, normlab_channels_first_layer_norm
+    elif case.op == "layer_norm":
         args, eager, ours = (x, weight, bias), torch_layer_norm, normlab_layer_norm
     else:
         args, eager, ours = (x, weight), torch_rms_norm, normlab_rms_norm

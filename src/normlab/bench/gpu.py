@@ -97,10 +97,10 @@ def _events():
     return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
 
-def forward_runner(call: timing.Call, context: timing.ContextFactory, device: str):
-    """``timing.forward_runner``, timed with CUDA events on CUDA."""
+def forward_runner(call: timing.Call, context: timing.ContextFactory, device: str, inner=1):
+    """``timing.forward_runner``, timed with CUDA events on CUDA (one call a run there)."""
     if device != "cuda":
-        return timing.forward_runner(call, context)
+        return timing.forward_runner(call, context, inner)
 
     def run() -> float:
         start, end = _events()
@@ -115,10 +115,12 @@ def forward_runner(call: timing.Call, context: timing.ContextFactory, device: st
     return run
 
 
-def backward_runner(call, inputs, output_grads, context: timing.ContextFactory, device: str):
-    """``timing.backward_runner``, timed with CUDA events on CUDA."""
+def backward_runner(
+    call, inputs, output_grads, context: timing.ContextFactory, device: str, inner=1
+):
+    """``timing.backward_runner``, timed with CUDA events on CUDA (one call a run there)."""
     if device != "cuda":
-        return timing.backward_runner(call, inputs, output_grads, context)
+        return timing.backward_runner(call, inputs, output_grads, context, inner)
 
     def run() -> float:
         start, end = _events()
@@ -134,13 +136,15 @@ def backward_runner(call, inputs, output_grads, context: timing.ContextFactory, 
     return run
 
 
-def copy_runners(copy_bytes: int, device: str) -> tuple[timing.Runner, timing.Runner]:
+def copy_runners(
+    copy_bytes: int, device: str, inner: int = 1
+) -> tuple[timing.Runner, timing.Runner]:
     """The two copy references of ``copy_bytes`` on ``device``: ``copy_`` into a
     preallocated buffer and ``clone``; on CUDA capped at ``COPY_CAP_BYTES`` and scaled."""
     if device != "cuda":
-        source = torch.randn(copy_bytes // 4)
-        return timing.copy_runner(source, torch.empty_like(source)), timing.copy_runner(
-            source, None
+        source = torch.randn(max(1, copy_bytes // 4))
+        return timing.copy_runner(source, torch.empty_like(source), inner), timing.copy_runner(
+            source, None, inner
         )
     elements = min(copy_bytes, COPY_CAP_BYTES) // 4
     scale = copy_bytes / (4 * elements)

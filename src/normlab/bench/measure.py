@@ -173,19 +173,20 @@ def prepare(workload: Workload, settings: Settings) -> list[Contender]:
 
 
 def _runners(contenders, workload: Workload, case: Case, direction: str, device: str):
+    moved = traffic.traffic_bytes(case, direction)
+    inner = timing.inner_calls(moved) if device == "cpu" else 1
     runners = {}
     for c in contenders:
         if not c.ok:
             continue
         if direction == "forward":
-            runners[c.name] = gpu.forward_runner(c.call, c.context, device)
+            runners[c.name] = gpu.forward_runner(c.call, c.context, device, inner)
         else:
             runners[c.name] = gpu.backward_runner(
-                c.call, workload.differentiable, workload.output_grads, c.context, device
+                c.call, workload.differentiable, workload.output_grads, c.context, device, inner
             )
     # The references: a copy of half the traffic (read n bytes, write n bytes).
-    copy_bytes = traffic.traffic_bytes(case, direction) // 2
-    runners[COPY_INPLACE], runners[COPY_CLONE] = gpu.copy_runners(copy_bytes, device)
+    runners[COPY_INPLACE], runners[COPY_CLONE] = gpu.copy_runners(moved // 2, device, inner)
     return runners
 
 
@@ -203,6 +204,7 @@ def measure_direction(contenders, workload, case, direction, settings, seed) -> 
         results[name] = summary
     return {
         "torch_threads": torch.get_num_threads(),  # in effect at the end of the timing
+        "calls_per_run": timing.inner_calls(moved) if settings.device == "cpu" else 1,
         "traffic_bytes": moved,
         "traffic_model": traffic.MODEL[traffic.model_name(case, direction)],
         "timings": results,
@@ -220,6 +222,8 @@ def measure_case(case: Case, settings: Settings, seed: int, emit: Emit) -> dict:
         "label": case.label,
         "shape": list(case.shape),
         "variant": case.variant,
+        "dtype": case.dtype,
+        "layout": case.layout,
         "channel_dim": case.channel_dim,
         "training": case.training,
         "padding": case.padding,

@@ -29,6 +29,7 @@ class Settings:
     alloc: str = "both"
     compile: bool = True
     fold: bool = True  # also time fold_batchnorm on a small CNN and an MLP
+    models: bool = True  # also time whole models, converted vs not (bench.models)
     device: str = "cpu"  # "cpu" or "cuda" (normlab.bench.gpu)
     seed: int = 0
     json_path: str | None = "bench.json"
@@ -135,6 +136,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the fold_batchnorm inference timing (small CNN and MLP)",
     )
     parser.add_argument(
+        "--no-models",
+        dest="models",
+        action="store_false",
+        help="skip the whole-model timing (Hugging Face Llama and BERT, a ConvNeXt-style CNN, "
+        "each converted with normlab.convert against itself unconverted)",
+    )
+    parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -162,6 +170,7 @@ def settings_from(args: argparse.Namespace, command: list[str] | None = None) ->
         alloc=args.alloc,
         compile=args.compile,
         fold=args.fold and device == "cpu",  # the fold timing is a CPU model
+        models=args.models and device == "cpu",  # so is the whole-model timing, for now
         device=device,
         seed=args.seed,
         json_path=args.json,

@@ -160,11 +160,19 @@ def run(settings: Settings, console=None) -> dict:
     table.print_report(report, console)
     if settings.fold:
         report["fold_batchnorm"] = _measure_fold(settings, console)
+    if settings.models:
+        report["models"] = _measure_models(settings, console)
     if settings.json_path:
         Path(settings.json_path).write_text(json.dumps(report, indent=1) + "\n")
         console.print(f"results: {settings.json_path}")
     if settings.markdown_path:
-        Path(settings.markdown_path).write_text(table.markdown(report))
+        text = table.markdown(report)
+        if "models" in report:
+            from normlab.bench import models
+
+            text += "\n### Whole models: converted vs unconverted\n\n"
+            text += models.markdown(report["models"])
+        Path(settings.markdown_path).write_text(text)
         console.print(f"tables: {settings.markdown_path}")
     return report
 
@@ -186,6 +194,26 @@ def _measure_fold(settings: Settings, console) -> dict:
     finally:
         torch.set_num_threads(threads)
     fold_speed.print_table(results, console)
+    return results
+
+
+def _measure_models(settings: Settings, console) -> dict:
+    """Whole models converted vs unconverted (``models``), in this process."""
+    import torch
+
+    from normlab.bench import models
+
+    threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        with console.status("timing whole models (Llama, BERT, ConvNeXt-style CNN)"):
+            results = models.measure(
+                settings.grid, settings.repetitions, settings.warmup, settings.seed
+            )
+    finally:
+        torch.set_num_threads(threads)
+    models.print_table(results, console)
     return results
 
 

@@ -1,7 +1,9 @@
 """The timer: one timed run of a contender, interleaved repetitions, and their summary.
 
 A *runner* is a zero-argument callable that does one run of one contender and returns the
-seconds of its timed region (``time.perf_counter``). Untimed setup (the forward that a
+seconds of its timed region (``time.perf_counter``), per call: a run of a small case makes
+``inner`` calls back to back (``inner_calls``), so that a call of a few microseconds is not
+timed alone at the clock's and the interpreter's resolution. Untimed setup (the forward that a
 backward needs) happens inside the runner, outside the timed region. Outputs are dropped
 after the timed region, so every contender allocates fresh outputs in every run, as it
 would in a training step.
@@ -24,16 +26,30 @@ Call = Callable[[], tuple[torch.Tensor, ...]]
 ContextFactory = Callable[[], AbstractContextManager]
 
 
-def forward_runner(call: Call, context: ContextFactory = contextlib.nullcontext) -> Runner:
+INNER_BYTES = 1 << 21
+"""A timed region moves at least about this many bytes: smaller calls are repeated."""
+
+MAX_INNER = 64
+
+
+def inner_calls(traffic_bytes: int) -> int:
+    """How many calls one timed run makes for a call that moves ``traffic_bytes``."""
+    return max(1, min(MAX_INNER, INNER_BYTES // max(1, traffic_bytes)))
+
+
+def forward_runner(
+    call: Call, context: ContextFactory = contextlib.nullcontext, inner: int = 1
+) -> Runner:
     """Times ``call()`` (the forward, recording the autograd graph as in training)."""
 
     def run() -> float:
         with context():
             start = time.perf_counter()
-            outputs = call()
+            for _ in range(inner):
+                outputs = call()
             elapsed = time.perf_counter() - start
         del outputs
-        return elapsed
+        return elapsed / inner
 
     return run
 
@@ -43,36 +59,37 @@ def backward_runner(
     inputs: Sequence[torch.Tensor],
     output_grads: Sequence[torch.Tensor],
     context: ContextFactory = contextlib.nullcontext,
+    inner: int = 1,
 ) -> Runner:
-    """Runs the forward untimed, then times ``torch.autograd.grad`` of its outputs with
-    respect to ``inputs`` (a fresh graph each run: no ``retain_graph``)."""
+    """Runs the forward untimed (``inner`` times), then times ``torch.autograd.grad`` of
+    each forward's outputs with respect to ``inputs`` (a fresh graph each: no
+    ``retain_graph``)."""
 
     def run() -> float:
         with context():
-            outputs = call()
+            graphs = [call() for _ in range(inner)]
             start = time.perf_counter()
-            grads = torch.autograd.grad(outputs, inputs, output_grads)
+            for outputs in graphs:
+                grads = torch.autograd.grad(outputs, inputs, output_grads)
             elapsed = time.perf_counter() - start
-        del grads, outputs
-        return elapsed
+        del grads, graphs
+        return elapsed / inner
 
     return run
 
 
-def copy_runner(source: torch.Tensor, destination: torch.Tensor | None) -> Runner:
+def copy_runner(source: torch.Tensor, destination: torch.Tensor | None, inner: int = 1) -> Runner:
     """Times ``destination.copy_(source)`` into a preallocated buffer, or ``source.clone()``
     (allocating a fresh buffer, as the contenders allocate their outputs) when
     ``destination`` is None."""
 
     def run() -> float:
         start = time.perf_counter()
-        if destination is None:
-            result = source.clone()
-        else:
-            result = destination.copy_(source)
+        for _ in range(inner):
+            result = source.clone() if destination is None else destination.copy_(source)
         elapsed = time.perf_counter() - start
         del result
-        return elapsed
+        return elapsed / inner
 
     return run
 
