@@ -50,7 +50,7 @@ from tolerances import grad_tol, tol
 
 SRC = Path(normlab.__file__).parent
 # Where a user error may be raised: the API layers, never the ops or the kernels.
-CHECK_LAYERS = ("functional", "modules", "axes.py", "masks.py", "_checks.py", "backends.py")
+CHECK_LAYERS = ("functional", "modules", "axes.py", "masks.py", "_checks.py", "backends")
 
 # A backend's rounding errors grow with the conditioning of the call; the reference moved by
 # a perturbation of the input of the accumulation dtype's epsilon, times this, bounds them.

@@ -10,11 +10,10 @@ from normlab.functional.statistics import (
     as_param,
     check_enough_values,
     prepare_channel_norm,
-    real_count,
     update_running_stats,
 )
-from normlab.kernels import composite
-from normlab.ops import normalize
+from normlab.ops import normalize, real_count, statistics
+from normlab.spec import NormSpec
 
 
 def _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, flag):
@@ -25,10 +24,10 @@ def _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, fl
         )
     shape = norm_axes.param_shape(input.shape)
     y, _, _ = normalize(
+        NormSpec.of(norm_axes, stats="given"),
         input,
         as_param(weight, shape),
         as_param(bias, shape),
-        norm_axes.reduction,
         eps,
         mean=as_param(running_mean, shape),
         var=as_param(running_var, shape),
@@ -78,7 +77,8 @@ def _batch_statistics_norm(
     the number of virtual batches (1 without ghost batches). ``affine`` maps the batch
     statistics to the (weight, bias) to apply, for batch renormalization."""
     x, m, axes = _virtual_batches(input, mask, norm_axes, virtual_batch_size, fn)
-    count = real_count(x, axes.reduction, m)
+    spec = NormSpec.of(axes, masked=m is not None)
+    count = real_count(spec, x, m)
     check_enough_values(count, input, fn=fn, per="channel", masked=m is not None)
     channel = norm_axes.feature[0]
     param_shape = [1] * x.dim()
@@ -86,9 +86,9 @@ def _batch_statistics_norm(
     weight, bias = as_param(weight, param_shape), as_param(bias, param_shape)
     if affine is not None:
         with torch.no_grad():
-            mean, var = composite.statistics(x, axes.reduction, True, m)
+            mean, var = statistics(spec, x, m)
         weight, bias = affine(mean, var, weight, bias)
-    y, mean, var = normalize(x, weight, bias, axes.reduction, eps, mask=m)
+    y, mean, var = normalize(spec, x, weight, bias, eps, mask=m)
     groups = x.shape[0] if virtual_batch_size is not None else 1
     channels = input.shape[channel]  # not -1: an empty batch has 0 virtual batches
     return (

@@ -9,6 +9,7 @@ import torch
 from normlab import axes as _axes
 from normlab._checks import check_floating, check_param, check_real
 from normlab.ops import add_normalize, normalize
+from normlab.spec import NormSpec
 
 
 def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, residual=None):
@@ -30,9 +31,10 @@ def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, resid
     param_shape = norm_axes.param_shape(x.shape)
     weight = None if weight is None else weight.reshape(param_shape)
     bias = None if bias is None else bias.reshape(param_shape)
+    spec = NormSpec.of(norm_axes, center=center)
     if residual is not None:
-        return add_normalize(x, residual, weight, bias, norm_axes.reduction, eps, center=center)
-    y, _, _ = normalize(x, weight, bias, norm_axes.reduction, eps, center=center)
+        return add_normalize(spec, x, residual, weight, bias, eps)
+    y, _, _ = normalize(spec, x, weight, bias, eps)
     return y
 
 

@@ -6,14 +6,10 @@ import torch
 
 from normlab import axes as _axes
 from normlab._checks import check_floating, check_min_ndim, check_real
-from normlab.functional.statistics import (
-    as_param,
-    check_channel_params,
-    check_enough_values,
-    real_count,
-)
+from normlab.functional.statistics import as_param, check_channel_params, check_enough_values
 from normlab.masks import channel_mask
-from normlab.ops import normalize
+from normlab.ops import normalize, real_count
+from normlab.spec import NormSpec
 
 
 def group_norm(
@@ -53,14 +49,13 @@ def group_norm(
         mask = torch.broadcast_to(mask, [mask.shape[0], 1, *spatial]).reshape(
             mask.shape[0], 1, 1, grouped[3]
         )
-    reduction = _axes.group_norm_axes().reduction
-    count = real_count(x, reduction, mask)
+    spec = NormSpec.of(_axes.group_norm_axes(), masked=mask is not None)
+    count = real_count(spec, x, mask)
     # No running statistics: the same check in eval (torch.nn returns the bias there).
     check_enough_values(count, input, fn=fn, per="group", masked=mask is not None, training=False)
     param_shape = (1, num_groups, channels // num_groups, 1)
-    y, _, _ = normalize(
-        x, as_param(weight, param_shape), as_param(bias, param_shape), reduction, eps, mask=mask
-    )
+    weight, bias = as_param(weight, param_shape), as_param(bias, param_shape)
+    y, _, _ = normalize(spec, x, weight, bias, eps, mask=mask)
     y = y.reshape(input.shape)
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
         y = y.contiguous(memory_format=torch.channels_last)

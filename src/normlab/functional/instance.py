@@ -10,11 +10,11 @@ from normlab.functional.statistics import (
     as_param,
     check_channel_params,
     check_enough_values,
-    real_count,
     update_running_stats,
 )
 from normlab.masks import channel_mask
-from normlab.ops import normalize
+from normlab.ops import normalize, real_count
+from normlab.spec import NormSpec
 
 
 def instance_norm(
@@ -61,21 +61,22 @@ def instance_norm(
                 f"got {type(running_mean).__name__} and {type(running_var).__name__}"
             )
         y, _, _ = normalize(
+            NormSpec.of(norm_axes, stats="given"),
             input,
             weight,
             bias,
-            norm_axes.reduction,
             eps,
             mean=as_param(running_mean, shape),
             var=as_param(running_var, shape),
         )
         return y
 
-    count = real_count(input, norm_axes.reduction, mask)
+    spec = NormSpec.of(norm_axes, masked=mask is not None)
+    count = real_count(spec, input, mask)
     check_enough_values(
         count, input, fn=fn, per="instance (sample, channel)", masked=mask is not None
     )
-    y, mean, var = normalize(input, weight, bias, norm_axes.reduction, eps, mask=mask)
+    y, mean, var = normalize(spec, input, weight, bias, eps, mask=mask)
     n = input.shape[0]
     if n:
         update_running_stats(

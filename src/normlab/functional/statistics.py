@@ -6,7 +6,6 @@ import torch
 
 from normlab import axes as _axes
 from normlab._checks import check_floating, check_min_ndim, check_param
-from normlab.kernels.composite import mask_count
 from normlab.masks import channel_mask
 
 
@@ -29,16 +28,6 @@ def check_channel_params(fn: str, num_features: int, **params) -> None:
 
 def as_param(t: torch.Tensor | None, shape) -> torch.Tensor | None:
     return None if t is None else t.reshape(shape)
-
-
-def real_count(x: torch.Tensor, reduction: tuple[int, ...], mask: torch.Tensor | None):
-    """Elements per statistic: an int without a mask, a (keepdim) tensor with one."""
-    if mask is None:
-        count = 1
-        for d in reduction:
-            count *= x.shape[d]
-        return count
-    return mask_count(mask, x.shape, reduction)
 
 
 def check_enough_values(

@@ -14,13 +14,29 @@ from __future__ import annotations
 
 import torch
 
+from normlab.backends import registry
 from normlab.kernels import composite
 from normlab.ops import power_norm as approx
 from normlab.ops.normalize import normalize
+from normlab.spec import NormSpec
 
 
 def _is_warmup(step: torch.Tensor, warmup_iters: int) -> bool:
     return int(step) <= warmup_iters
+
+
+def _spec(x, reduction_dims, stats, mask) -> NormSpec:
+    """PowerNorm's spec: one channel (the axis not reduced), uncentred."""
+    dims = tuple(reduction_dims)
+    feature = tuple(d for d in range(x.dim()) if d not in dims)
+    return NormSpec(dims, feature, center=False, stats=stats, masked=mask is not None)
+
+
+def _approx_call(x, weight, bias, phi, reduction_dims, eps, mask):
+    """The after-warmup call and the family the registry runs it on."""
+    spec = _spec(x, reduction_dims, "power", mask)
+    call = registry.Call(spec, x, weight, bias, eps, var=phi, mask=mask)
+    return registry.decide(call).name, call
 
 
 @torch.library.custom_op("normlab::power_norm_train", mutates_args=())
@@ -47,10 +63,11 @@ def power_norm_train(
     other gradients than eager."""
     dims = tuple(reduction_dims)
     if _is_warmup(step, warmup_iters):
-        y, _, batch_phi = normalize(x, weight, bias, dims, eps, center=False, mask=mask)
+        spec = _spec(x, dims, "batch", mask)
+        y, _, batch_phi = normalize(spec, x, weight, bias, eps, mask=mask)
     else:
         _, batch_phi = composite.statistics(x, dims, False, mask)
-        y = approx.power_norm_approx_forward(x, weight, bias, phi, dims, eps, mask)
+        y = approx.forward(*_approx_call(x, weight, bias, phi, dims, eps, mask))
     return y, batch_phi, phi.clone()
 
 
@@ -82,14 +99,14 @@ def power_norm_train_backward(
     if _is_warmup(step, warmup_iters):
         inputs = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
         with torch.enable_grad():
-            y, _, _ = normalize(*inputs, dims, eps, center=False, mask=mask)
+            spec = _spec(x, dims, "batch", mask)
+            y, _, _ = normalize(spec, *inputs, eps, mask=mask)
             wanted = [t for t in inputs if t is not None]
             grads = iter(torch.autograd.grad(y, wanted, dy))
         dx, dweight, dbias = (next(grads) if t is not None else None for t in inputs)
     else:
-        dx, dweight, dbias = approx.power_norm_approx_backward(
-            dy, x, weight, bias, phi, nu, dims, eps, alpha_bkw, mask
-        )
+        family, call = _approx_call(x, weight, bias, phi, dims, eps, mask)
+        dx, dweight, dbias = approx.backward(family, call, dy, nu, alpha_bkw)
     return dx, _or_empty(dweight, x), _or_empty(dbias, x)
 
 

@@ -74,7 +74,9 @@ def last_used() -> str | None:
     return _last["backend"]
 
 
-def _record(name: str) -> None:
+def record(name: str) -> None:
+    """Record ``name`` as the backend of the latest normalization (the registry calls this
+    once per call)."""
     _last["backend"] = name
 
 
