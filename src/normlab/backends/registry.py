@@ -10,7 +10,8 @@ A call (``Call``: a ``normlab.spec.NormSpec``, the input and its tensors) reache
   dtype, contiguity, and the kernel layout of ``normlab.spec.layout``, which it stores on
   the call); "auto" also leaves inputs under ``AUTO_MIN_ELEMENTS`` to the composite;
 - a refused forced family raises a ValueError with the reason; "auto" falls back to the
-  composite, which takes every call.
+  composite, which takes every call (and the calls with a statistics hook, SyncBatchNorm's,
+  whatever the backend).
 
 Each ``Family`` declares ``takes`` and how it runs each kind of call: ``forward`` (the
 normalization), ``add`` (the fused residual add) and ``power`` (PowerNorm after warmup).
@@ -46,13 +47,19 @@ ADD_REASON = "the fused add needs the normalized axes trailing and a contiguous 
 class Call:
     """One normalization call as the registry sees it. ``mean``/``var`` are the given
     statistics (keepdim; PowerNorm: ``var`` is the running quadratic mean), ``residual``
-    the fused add's. ``layout`` is set by a kernel family's ``takes``."""
+    the fused add's, ``sync`` a statistics hook (SyncBatchNorm's: the composite only).
+    ``layout`` is set by a kernel family's ``takes``."""
 
-    __slots__ = ("bias", "eps", "layout", "mask", "mean", "residual", "spec", "var", "weight", "x")
+    __slots__ = (
+        "bias", "eps", "layout", "mask", "mean", "residual", "spec", "sync", "var", "weight", "x"
+    )  # fmt: skip
 
-    def __init__(self, spec, x, weight, bias, eps, mean=None, var=None, mask=None, residual=None):
+    def __init__(
+        self, spec, x, weight, bias, eps, mean=None, var=None, mask=None, residual=None, sync=None
+    ):
         self.spec, self.x, self.weight, self.bias, self.eps = spec, x, weight, bias, eps
         self.mean, self.var, self.mask, self.residual = mean, var, mask, residual
+        self.sync = sync
         self.layout = None
 
 
@@ -233,7 +240,9 @@ def decide(call: Call) -> Family:
     """The family that runs ``call`` (see the module docstring); records it."""
     wanted = backends.get_backend()
     family = COMPOSITE
-    if wanted != "composite":
+    # A statistics hook (SyncBatchNorm) runs on the composite whatever the backend: the
+    # kernels compute their statistics locally.
+    if wanted != "composite" and call.sync is None:
         if wanted == "auto":
             candidate = TRITON if call.x.device.type == "cuda" else NUMBA
         else:

@@ -5,23 +5,20 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_reals
-from normlab.functional.statistics import (
-    as_param,
+from normlab.checks import (
     check_enough_values,
-    prepare_channel_norm,
-    update_running_stats,
+    check_renorm_limits,
+    check_running_stats,
+    check_scalars,
+    check_virtual_batch,
 )
+from normlab.functional.statistics import as_param, prepare_channel_norm, update_running_stats
 from normlab.ops import normalize, real_count, statistics
 from normlab.spec import NormSpec
 
 
 def _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, flag):
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            f"{fn}: running_mean and running_var are required when {flag}, got "
-            f"{type(running_mean).__name__} and {type(running_var).__name__}"
-        )
+    check_running_stats(fn, running_mean, running_var, f"when {flag}")
     shape = norm_axes.param_shape(input.shape)
     y, _, _ = normalize(
         NormSpec.of(norm_axes, stats="given"),
@@ -41,24 +38,8 @@ def _virtual_batches(input, mask, norm_axes, virtual_batch_size, fn):
     if virtual_batch_size is None:
         return input, mask, norm_axes
     channel = norm_axes.feature[0]
-    batch = input.shape[0]
-    if (
-        isinstance(virtual_batch_size, bool)
-        or not isinstance(virtual_batch_size, int)
-        or virtual_batch_size < 1
-    ):
-        raise ValueError(
-            f"{fn}: virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}"
-        )
-    if channel == 0:
-        raise ValueError(f"{fn}: virtual batches split axis 0, which is the channel axis here")
-    if batch % virtual_batch_size:
-        raise ValueError(
-            f"{fn}: the batch size must be divisible by virtual_batch_size, got "
-            f"batch {batch} (input shape {list(input.shape)}) and "
-            f"virtual_batch_size={virtual_batch_size}"
-        )
-    groups = batch // virtual_batch_size
+    check_virtual_batch(fn, input, channel, virtual_batch_size)
+    groups = input.shape[0] // virtual_batch_size
     x = input.reshape(groups, virtual_batch_size, *input.shape[1:])
     if mask is not None:
         mask = (
@@ -138,7 +119,7 @@ def batch_norm(
         weight=weight,
         bias=bias,
     )
-    check_reals(fn, eps=eps, momentum=momentum)
+    check_scalars(fn, eps=eps, momentum=momentum)
     if not training:
         return _eval(
             fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
@@ -194,17 +175,9 @@ def batch_renorm(
         weight=weight,
         bias=bias,
     )
-    check_reals(fn, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max)
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            f"{fn}: running_mean and running_var are required (the correction r, "
-            f"d is relative to them), got {type(running_mean).__name__} and "
-            f"{type(running_var).__name__}"
-        )
-    if not r_max >= 1 or not d_max >= 0:
-        raise ValueError(
-            f"{fn}: expected r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}"
-        )
+    check_scalars(fn, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max)
+    check_running_stats(fn, running_mean, running_var, "(the correction r, d is relative to them)")
+    check_renorm_limits(fn, r_max, d_max)
     if not training:
         return _eval(
             fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_floating, check_param, check_real
+from normlab.checks import check_floating, check_param, check_scalar
 from normlab.ops import add_normalize, normalize
 from normlab.spec import NormSpec
 
 
 def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, residual=None):
     check_floating(x, fn=fn)
-    check_real(eps, fn=fn, argument="eps")
+    check_scalar(eps, fn=fn, argument="eps")
     if residual is not None:
         _check_residual(fn, x, residual)
     shape = _axes.as_shape(normalized_shape)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_floating, check_min_ndim, check_real
-from normlab.functional.statistics import as_param, check_channel_params, check_enough_values
+from normlab.checks import (
+    check_channel_params,
+    check_enough_values,
+    check_floating,
+    check_groups,
+    check_min_ndim,
+    check_scalar,
+)
+from normlab.functional.statistics import as_param
 from normlab.masks import channel_mask
 from normlab.ops import normalize, real_count
 from normlab.spec import NormSpec
@@ -30,16 +37,9 @@ def group_norm(
     fn = "group_norm"
     check_floating(input, fn=fn)
     check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
-    check_real(eps, fn=fn, argument="eps")
+    check_scalar(eps, fn=fn, argument="eps")
+    check_groups(fn, input, num_groups)
     channels = input.shape[1]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
-    if channels % num_groups:
-        raise ValueError(
-            f"{fn}: the channel count must be divisible by num_groups, got "
-            f"{channels} channels (input shape {list(input.shape)}) and "
-            f"num_groups={num_groups}"
-        )
     check_channel_params(fn, channels, weight=weight, bias=bias)
     mask = channel_mask(input, 1, mask, lengths, fn=fn)
     grouped = _axes.grouped_shape(input.shape, num_groups)

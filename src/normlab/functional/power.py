@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from normlab._checks import check_reals
-from normlab.functional.statistics import (
-    as_param,
-    check_enough_values,
-    prepare_channel_norm,
-)
+from normlab.checks import check_enough_values, check_scalars
+from normlab.functional.statistics import as_param, prepare_channel_norm
 from normlab.ops import normalize, power_norm_approx, real_count, statistics
 from normlab.ops.power_norm_train import power_norm_train
 from normlab.spec import NormSpec
@@ -75,7 +71,7 @@ def power_norm(
     norm_axes, mask, shape, weight, bias = _prepare(
         input, running_phi, running_grad_stat, weight, bias, dim, mask, lengths
     )
-    check_reals(fn, eps=eps, momentum=momentum, alpha_bkw=alpha_bkw)
+    check_scalars(fn, eps=eps, momentum=momentum, alpha_bkw=alpha_bkw)
     if not training:
         y, _, _ = normalize(
             NormSpec.of(norm_axes, center=False, stats="given"),

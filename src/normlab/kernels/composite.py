@@ -112,12 +112,14 @@ def normalize_backward(
     stats_given,
     needs=(True, True, True),
     mask=None,
+    sync=None,
 ):
     """Gradients (dx, dweight, dbias); an entry is None where ``needs`` says it is not wanted.
 
     With a mask m and real count n the statistics depend on real elements only, so
     dx = rstd * (g - m * sum_R(g) / n - m * xhat * sum_R(g * xhat) / n), the sums over all
-    elements (padded outputs depend on the statistics too).
+    elements (padded outputs depend on the statistics too). ``sync`` (SyncBatchNorm's
+    statistics hook) sums them over every rank, and n is the count over every rank.
     """
     acc = accumulation_dtype(x.dtype)
     dyf = dy.to(acc)
@@ -131,6 +133,9 @@ def normalize_backward(
         else:
             count = reduced_count(x.shape, reduction_dims, mask, acc)
             sum_g, sum_g_xhat = gradient_sums(g, xhat, reduction_dims, mask)
+            if sync is not None:
+                count = sync.count.to(acc)
+                sum_g, sum_g_xhat = sync.all_reduce(sum_g, sum_g_xhat)
             dx = input_gradient(g, xhat, rstd, sum_g, sum_g_xhat, count, mask, center)
             dx = dx.to(x.dtype)
     return (dx, *affine_backward(dyf, xhat, weight, bias, mask, needs))

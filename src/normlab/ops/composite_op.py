@@ -4,6 +4,10 @@ of ``normlab.kernels.composite`` (not autograd through the forward's chain of op
 Higher-order gradients (``create_graph=True``, e.g. a gradient penalty) are still exact: the
 backward then differentiates the composite forward (``kernel_ops.double_backward``, the one
 double-backward path of every family).
+
+A call with a statistics hook (``call.sync``: SyncBatchNorm's, ``normlab.distributed``) takes
+its batch statistics from the hook (every rank's real elements) and has the hook sum the
+backward's two reductions over the ranks; it is first-order only, as torch's SyncBatchNorm.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from normlab.ops.kernel_ops import double_backward
 
 class _Normalize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, reduction_dims, eps, center, mean, var, mask):
+    def forward(ctx, x, weight, bias, reduction_dims, eps, center, mean, var, mask, sync):
         stats_given = mean is not None and var is not None
+        if sync is not None:  # the statistics of every rank's real elements
+            mean, var = sync.statistics(x, reduction_dims, mask)
         y, mean, rstd, var = composite.normalize_forward(
             x, weight, bias, reduction_dims, eps, center, mean, var, mask
         )
         ctx.save_for_backward(x, weight, bias, mean, rstd, var if stats_given else None, mask)
-        ctx.config = (reduction_dims, eps, center, stats_given)
+        ctx.config = (reduction_dims, eps, center, stats_given, sync)
         mean = mean.to(var.dtype)  # the float64 mean stays for the backward only
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -30,15 +36,15 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         x, weight, bias, mean, rstd, given_var, mask = ctx.saved_tensors
-        reduction_dims, eps, center, stats_given = ctx.config
-        if torch.is_grad_enabled():  # create_graph=True
+        reduction_dims, eps, center, stats_given, sync = ctx.config
+        if torch.is_grad_enabled() and sync is None:  # create_graph=True
             given = (mean, given_var) if stats_given else (None, None)
 
             def forward(x, weight, bias):
                 args = (reduction_dims, eps, center, *given, mask)
                 return composite.normalize_forward(x, weight, bias, *args)[0]
 
-            return double_backward(ctx, dy, forward, (x, weight, bias)) + (None,) * 6
+            return double_backward(ctx, dy, forward, (x, weight, bias)) + (None,) * 7
         dx, dweight, dbias = composite.normalize_backward(
             dy,
             x,
@@ -51,8 +57,9 @@ class _Normalize(torch.autograd.Function):
             stats_given,
             ctx.needs_input_grad[:3],
             mask,
+            sync,
         )
-        return dx, dweight, dbias, None, None, None, None, None, None
+        return dx, dweight, dbias, *(None,) * 7
 
 
 def forward(call):
@@ -68,4 +75,5 @@ def forward(call):
         call.mean,
         call.var,
         call.mask,
+        call.sync,
     )

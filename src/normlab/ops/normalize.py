@@ -23,6 +23,7 @@ def normalize(
     mean: torch.Tensor | None = None,
     var: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    sync=None,
 ):
     """y = weight * (x - mean) / sqrt(var + eps) + bias over ``spec.reduction``.
 
@@ -31,8 +32,11 @@ def normalize(
     they are computed from ``x`` (``spec.center=False``: mean 0, RMSNorm), over the
     elements where ``mask`` (bool, broadcastable to x) is True when it is given. Every
     element is normalized. Returns ``(y, mean, var)``, the statistics in the accumulation
-    dtype and without gradient. ``normlab.backends`` chooses and reports the backend."""
-    return registry.run(registry.Call(spec, x, weight, bias, eps, mean, var, mask))
+    dtype and without gradient. ``normlab.backends`` chooses and reports the backend.
+    ``sync``: a statistics hook (``normlab.distributed.sync_batch_norm.SyncStatistics``)
+    that computes the batch statistics over every rank's real elements."""
+    call = registry.Call(spec, x, weight, bias, eps, mean, var, mask, sync=sync)
+    return registry.run(call)
 
 
 def add_normalize(
