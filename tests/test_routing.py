@@ -226,3 +226,59 @@ def test_layout_is_computed_from_the_spec_and_the_shape():
         "the reduction axes are not the trailing axes; not a (N, G, *reduced) layout; "
         "the parameters or statistics do not have one entry per channel"
     )
+
+
+# --- the custom ops: names and schemas that torch.export graphs hold -------------------------
+
+SCHEMAS = [
+    (
+        "normlab::row_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, bool center) -> "
+        "(Tensor, Tensor, Tensor)"
+    ),
+    (
+        "normlab::add_row_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
+        "bool center) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    (
+        "normlab::row_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
+        "bool center, Tensor? extra) -> (Tensor, Tensor, Tensor)"
+    ),
+    (
+        "normlab::group_norm(Tensor x, Tensor? weight, Tensor? bias, SymInt groups, float eps, "
+        "Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    (
+        "normlab::group_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor "
+        "rstd, SymInt groups, Tensor? mask) -> (Tensor, Tensor, Tensor)"
+    ),
+    (
+        "normlab::batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? mask)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    (
+        "normlab::batch_norm_given(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var,"
+        " float eps) -> (Tensor, Tensor, Tensor)"
+    ),
+    (
+        "normlab::batch_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor "
+        "rstd, Tensor? mask, Tensor count, bool stats_given) -> (Tensor, Tensor, Tensor)"
+    ),
+    (
+        "normlab::power_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor phi, Tensor nu, "
+        "Tensor step, SymInt warmup_iters, SymInt[] reduction_dims, float eps, float alpha_bkw, "
+        "Tensor? mask) -> (Tensor, Tensor, Tensor)"
+    ),
+    (
+        "normlab::power_norm_train_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, "
+        "Tensor phi, Tensor(a5!) nu, Tensor step, SymInt warmup_iters, SymInt[] reduction_dims, "
+        "float eps, float alpha_bkw, Tensor? mask) -> (Tensor, Tensor, Tensor)"
+    ),
+]
+
+
+def test_custom_op_names_and_schemas_are_unchanged():
+    import normlab.ops.power_norm_train  # noqa: F401  (registers normlab::power_norm_train*)
+
+    for schema in SCHEMAS:
+        name = schema.split("(")[0].removeprefix("normlab::")
+        assert str(getattr(torch.ops.normlab, name).default._schema) == schema

@@ -2,9 +2,10 @@
 
 Each forward op of ``FORWARD`` (and the backward op it calls) is built the same way:
 
-- the custom op ``normlab::<name>``, whose schema is the signature of its Numba launcher
-  (``normlab.kernels.cpu.launchers``); its CUDA kernel is the Triton launcher of the same
-  name in ``TRITON``, its CPU kernel the Numba launcher (or, in a compiled graph replayed
+- the custom op ``normlab::<name>`` with its schema from ``SCHEMAS`` (``torch.export``
+  graphs hold these names and schemas: they do not change); its CUDA kernel is the Triton
+  launcher of ``TRITON``, its CPU kernel the Numba launcher of the same name in
+  ``normlab.kernels.cpu.launchers`` (or, in a compiled graph replayed
   while backend "triton" runs in Triton's interpreter, the Triton one: a graph holds the
   op, not the eager call's decision, so the replay decides from the backend in force);
 - a fake (meta) implementation, statistics in ``stats_dtype(x)`` (float64 on the CPU,
@@ -24,7 +25,6 @@ graph; the backward op follows it.
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,26 @@ from normlab import backends
 from normlab.kernels import composite
 from normlab.kernels.cpu import launchers
 from normlab.kernels.gpu import interpreting
+
+# op name -> its schema (what torch.export graphs record).
+SCHEMAS = {
+    "row_norm": "(Tensor x, Tensor? weight, Tensor? bias, float eps, bool center)"
+    " -> (Tensor, Tensor, Tensor)",
+    "add_row_norm": "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps,"
+    " bool center) -> (Tensor, Tensor, Tensor, Tensor)",
+    "row_norm_backward": "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
+    " bool center, Tensor? extra) -> (Tensor, Tensor, Tensor)",
+    "group_norm": "(Tensor x, Tensor? weight, Tensor? bias, SymInt groups, float eps,"
+    " Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    "group_norm_backward": "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
+    " SymInt groups, Tensor? mask) -> (Tensor, Tensor, Tensor)",
+    "batch_norm_train": "(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? mask)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "batch_norm_given": "(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var,"
+    " float eps) -> (Tensor, Tensor, Tensor)",
+    "batch_norm_backward": "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
+    " Tensor? mask, Tensor count, bool stats_given) -> (Tensor, Tensor, Tensor)",
+}
 
 # op name -> (module of normlab.kernels.gpu, launcher): the Triton implementations.
 TRITON = {
@@ -102,8 +122,13 @@ def _family_at_run(x: torch.Tensor) -> str:
 
 
 def _custom_op(name: str, fake):
-    numba = getattr(launchers, name)
-    op = torch.library.custom_op(f"normlab::{name}", numba, mutates_args=(), device_types="cpu")
+    op = torch.library.custom_op(
+        f"normlab::{name}",
+        getattr(launchers, name),
+        mutates_args=(),
+        device_types="cpu",
+        schema=SCHEMAS[name],
+    )
 
     def on_cpu(*args):
         return implementation(_family_at_run(args[0]), name)(*args)
@@ -160,7 +185,7 @@ class KernelOp:
     def __init__(self, name: str, entry: Entry):
         differentiable = DIFFERENTIABLE[name]
         self.op = _custom_op(name, entry.fake)
-        n_inputs = len(inspect.signature(getattr(launchers, name)).parameters)
+        n_inputs = SCHEMAS[name].split("->")[0].count(",") + 1
 
         def set_up(ctx, inputs, output):
             ctx.mark_non_differentiable(*output[differentiable:])

@@ -42,19 +42,17 @@ def param(t: torch.Tensor | None, n: int, fill: float, like: torch.Tensor) -> np
     return array(t.reshape(n).contiguous())
 
 
-def mask_array(mask: torch.Tensor | None) -> np.ndarray:
-    return NO_MASK if mask is None else array(mask)
-
-
 def stats(shape, x: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float64, device=x.device)
 
 
 def launch(kernel, *args) -> None:
-    """Run a Numba kernel with as many threads as torch uses (one for small inputs; the
-    first argument is the kernel's input array)."""
+    """Run a Numba kernel on ``args`` (tensors as NumPy views of their memory, None as an
+    absent mask) with as many threads as torch uses (one for small inputs; the first
+    argument is the kernel's input)."""
     from normlab.kernels.cpu import runtime
 
+    args = [array(a) if isinstance(a, torch.Tensor) else NO_MASK if a is None else a for a in args]
     runtime.sync_threads(args[0].size)
     kernel(*args)
 
@@ -62,83 +60,35 @@ def launch(kernel, *args) -> None:
 # --- rows: LayerNorm / RMSNorm, the fused residual add -------------------------------------
 
 
-def row_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    center: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def row_norm(x, weight, bias, eps, center):
     """(y, mean, rstd) of LayerNorm (center) or RMSNorm over each row; statistics float64."""
     n_rows, n = x.shape
     y, mean, rstd = torch.empty_like(x), stats(n_rows, x), stats(n_rows, x)
-    launch(
-        _kernels("rows").row_norm_forward,
-        array(x),
-        param(weight, n, 1.0, x),
-        param(bias, n, 0.0, x),
-        eps,
-        center,
-        array(y),
-        array(mean),
-        array(rstd),
-    )
+    w, b = param(weight, n, 1.0, x), param(bias, n, 0.0, x)
+    launch(_kernels("rows").row_norm_forward, x, w, b, eps, center, y, mean, rstd)
     return y, mean, rstd
 
 
-def add_row_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    center: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def add_row_norm(x, residual, weight, bias, eps, center):
     """(y, s, mean, rstd) with s = x + residual and y the norm of s, in one pass."""
     n_rows, n = x.shape
     y, total = torch.empty_like(x), torch.empty_like(x)
     mean, rstd = stats(n_rows, x), stats(n_rows, x)
+    w, b = param(weight, n, 1.0, x), param(bias, n, 0.0, x)
     launch(
-        _kernels("rows").add_row_norm_forward,
-        array(x),
-        array(residual),
-        param(weight, n, 1.0, x),
-        param(bias, n, 0.0, x),
-        eps,
-        center,
-        array(y),
-        array(total),
-        array(mean),
-        array(rstd),
+        _kernels("rows").add_row_norm_forward, x, residual, w, b, eps, center, y, total, mean, rstd
     )
     return y, total, mean, rstd
 
 
-def row_norm_backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    center: bool,
-    extra: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def row_norm_backward(dy, x, weight, mean, rstd, center, extra):
     """(dx, dweight, dbias); ``extra`` (the fused add's gradient of s) is added to dx."""
     n = x.shape[1]
     dx, dweight, dbias = torch.empty_like(x), x.new_empty(n), x.new_empty(n)
-    extra_array = array(extra) if extra is not None else array(x.new_empty((0, n)))
+    extra = extra if extra is not None else x.new_empty((0, n))
+    w = param(weight, n, 1.0, x)
     launch(
-        _kernels("rows").row_norm_backward,
-        array(dy),
-        array(x),
-        param(weight, n, 1.0, x),
-        array(mean),
-        array(rstd),
-        center,
-        extra_array,
-        array(dx),
-        array(dweight),
-        array(dbias),
+        _kernels("rows").row_norm_backward, dy, x, w, mean, rstd, center, extra, dx, dweight, dbias
     )
     return dx, dweight, dbias
 
@@ -146,57 +96,32 @@ def row_norm_backward(
 # --- groups: GroupNorm / InstanceNorm ------------------------------------------------------
 
 
-def group_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_norm(x, weight, bias, groups, eps, mask):
     """(y, mean, var, rstd), statistics (N, groups) in float64 over real positions."""
     n, c, _ = x.shape
     y = torch.empty_like(x)
     mean, var, rstd = (stats((n, groups), x) for _ in range(3))
-    launch(
-        _kernels("groups").group_norm_forward,
-        array(x),
-        param(weight, c, 1.0, x),
-        param(bias, c, 0.0, x),
-        groups,
-        eps,
-        mask_array(mask),
-        array(y),
-        array(mean),
-        array(var),
-        array(rstd),
-    )
+    w, b = param(weight, c, 1.0, x), param(bias, c, 0.0, x)
+    launch(_kernels("groups").group_norm_forward, x, w, b, groups, eps, mask, y, mean, var, rstd)
     return y, mean, var, rstd
 
 
-def group_norm_backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    groups: int,
-    mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_norm_backward(dy, x, weight, mean, rstd, groups, mask):
     c = x.shape[1]
     dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    w = param(weight, c, 1.0, x)
     launch(
         _kernels("groups").group_norm_backward,
-        array(dy),
-        array(x),
-        param(weight, c, 1.0, x),
-        array(mean),
-        array(rstd),
+        dy,
+        x,
+        w,
+        mean,
+        rstd,
         groups,
-        mask_array(mask),
-        array(dx),
-        array(dweight),
-        array(dbias),
+        mask,
+        dx,
+        dweight,
+        dbias,
     )
     return dx, dweight, dbias
 
@@ -208,7 +133,7 @@ def channel_apply(x, scale, shift) -> torch.Tensor:
     """y = x * scale + shift per channel of the (A, C, B) view, scale and shift float64
     (C,) (so a large mean cancels exactly)."""
     y = torch.empty_like(x)
-    launch(_kernels("channels").channel_apply, array(x), array(scale), array(shift), array(y))
+    launch(_kernels("channels").channel_apply, x, scale, shift, y)
     return y
 
 
@@ -222,68 +147,40 @@ def _apply(x, weight, bias, mean, rstd) -> torch.Tensor:
     return channel_apply(x, scale, shift)
 
 
-def batch_norm_train(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_norm_train(x, weight, bias, eps, mask):
     """(y, mean, var, rstd, count): batch statistics (float64, biased var) over the real
     elements of each channel, and every element normalized with them."""
     c = x.shape[1]
     mean, var, count = stats(c, x), stats(c, x), stats(1, x)
-    launch(
-        _kernels("channels").channel_statistics,
-        array(x),
-        mask_array(mask),
-        array(mean),
-        array(var),
-        array(count),
-    )
+    launch(_kernels("channels").channel_statistics, x, mask, mean, var, count)
     rstd = torch.rsqrt(var + eps)
     return _apply(x, weight, bias, mean, rstd), mean, var, rstd, count
 
 
-def batch_norm_given(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_norm_given(x, weight, bias, mean, var, eps):
     """(y, mean, rstd) with the given statistics (eval mode), which are constants."""
     mean = mean.to(torch.float64, copy=True)
     rstd = torch.rsqrt(var.double() + eps)
     return _apply(x, weight, bias, mean, rstd), mean, rstd
 
 
-def batch_norm_backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    mask: torch.Tensor | None,
-    count: torch.Tensor,
-    stats_given: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_norm_backward(dy, x, weight, mean, rstd, mask, count, stats_given):
     c = x.shape[1]
     dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    w = param(weight, c, 1.0, x)
     launch(
         _kernels("channels").channel_backward,
-        array(dy),
-        array(x),
-        array(mean),
-        array(rstd),
-        param(weight, c, 1.0, x),
-        mask_array(mask),
-        array(count),
+        dy,
+        x,
+        mean,
+        rstd,
+        w,
+        mask,
+        count,
         stats_given,
-        array(dx),
-        array(dweight),
-        array(dbias),
+        dx,
+        dweight,
+        dbias,
     )
     return dx, dweight, dbias
 
@@ -313,14 +210,14 @@ def power_norm_backward(layout, dy, x, weight, bias, phi, nu, eps, alpha_bkw, ma
     sums = torch.empty(4, c, dtype=torch.float64)
     launch(
         _kernels("power_norm").power_norm_backward,
-        array(dy.contiguous().reshape(layout.view)),
-        array(x.reshape(layout.view)),
-        array(rstd),
-        array(w),
-        array(nu.reshape(-1).double()),
-        mask_array(m),
-        array(dx.view(layout.view)),
-        array(sums),
+        dy.contiguous().reshape(layout.view),
+        x.reshape(layout.view),
+        rstd,
+        w,
+        nu.reshape(-1).double(),
+        m,
+        dx.view(layout.view),
+        sums,
     )
     count = layout.view[0] * layout.view[2] if m is None else int(m.sum())
     gamma, lam = sums[2] / count, sums[3] / count
