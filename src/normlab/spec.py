@@ -12,9 +12,11 @@ carried down to the kernel:
   paper's approximate backward);
 - ``masked``: a mask says which elements are real (it never varies along a feature axis).
 
-LayerNorm is ``NormSpec(reduction=(-1,)..., feature=reduction)``, BatchNorm one feature
-(channel) over every other axis, InstanceNorm one sample's one channel, GroupNorm the grouped
-view (N, G, C/G, S) reduced over (2, 3). ``layout(spec, shape, affine)`` then says which of
+LayerNorm of (N, L, C) over C is ``NormSpec(reduction=(2,), feature=(2,))``, BatchNorm of
+(N, C, H, W) ``NormSpec(reduction=(0, 2, 3), feature=(1,))`` (one feature over all samples),
+InstanceNorm ``NormSpec((2, 3), (1,))``, GroupNorm the grouped view (N, G, C/G, S) as
+``NormSpec((2, 3), (1, 2))``; RMSNorm is LayerNorm with ``center=False``, BatchNorm in eval
+``stats="given"``. ``layout(spec, shape, affine)`` then says which of
 the three kernel layouts the call is, computed from the spec and the input's shape alone:
 
 - rows: the reduction axes are the trailing axes and carry the parameters (LayerNorm,

@@ -8,7 +8,7 @@ import torch
 from normlab.checks import check_enough_values, check_scalars
 from normlab.functional.statistics import as_param, prepare_channel_norm
 from normlab.ops import normalize, power_norm_approx, real_count, statistics
-from normlab.ops.power_norm_train import power_norm_train
+from normlab.ops.power_norm import power_norm_train
 from normlab.spec import NormSpec
 
 

@@ -4,7 +4,7 @@ out.
 ``normalize``/``add_normalize``/``power_norm_approx`` hand a call to the backend registry
 (``normlab.backends.registry``), which decides once which family runs it; ``kernel_ops``
 holds the fused kernels' custom ops (one table), ``composite_op`` the composite's autograd
-function, ``power_norm``/``power_norm_train`` PowerNorm after warmup.
+function, ``power_norm`` PowerNorm after warmup (eager, and the compiled training step).
 """
 
 from normlab.ops.normalize import add_normalize, normalize, real_count, statistics
