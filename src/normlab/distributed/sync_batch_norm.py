@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from normlab.functional.statistics import (
     as_param,
-    prepare_channel_norm,
+    prepare_batch_norm,
     update_running_stats,
 )
 from normlab.ops import normalize
@@ -119,16 +119,8 @@ def sync_batch_norm(
     running statistics (if given) become identical on every rank: those of single-process
     BatchNorm on the concatenation of all ranks' real elements."""
     fn = "sync_batch_norm"
-    norm_axes, mask = prepare_channel_norm(
-        fn,
-        input,
-        dim,
-        mask,
-        lengths,
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
+    norm_axes, mask = prepare_batch_norm(
+        fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
     param_shape = norm_axes.param_shape(input.shape)
     sync = SyncStatistics(process_group, fn)

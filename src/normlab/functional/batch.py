@@ -12,7 +12,7 @@ from normlab.checks import (
     check_scalars,
     check_virtual_batch,
 )
-from normlab.functional.statistics import as_param, prepare_channel_norm, update_running_stats
+from normlab.functional.statistics import as_param, prepare_batch_norm, update_running_stats
 from normlab.ops import normalize, real_count, statistics
 from normlab.spec import NormSpec
 
@@ -108,16 +108,8 @@ def batch_norm(
     batches with their own statistics; the running statistics are updated with their average.
     """
     fn = "batch_norm"
-    norm_axes, mask = prepare_channel_norm(
-        fn,
-        input,
-        dim,
-        mask,
-        lengths,
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
+    norm_axes, mask = prepare_batch_norm(
+        fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
     check_scalars(fn, eps=eps, momentum=momentum)
     if not training:
@@ -164,16 +156,8 @@ def batch_renorm(
     statistics are used. ``mask``/``lengths`` as in :func:`batch_norm`.
     """
     fn = "batch_renorm"
-    norm_axes, mask = prepare_channel_norm(
-        fn,
-        input,
-        dim,
-        mask,
-        lengths,
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
+    norm_axes, mask = prepare_batch_norm(
+        fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
     check_scalars(fn, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max)
     check_running_stats(fn, running_mean, running_var, "(the correction r, d is relative to them)")

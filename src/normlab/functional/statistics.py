@@ -21,6 +21,13 @@ def prepare_channel_norm(fn: str, input, dim: int, mask, lengths, **params):
     return norm_axes, channel_mask(input, channel, mask, lengths, fn=fn)
 
 
+def prepare_batch_norm(fn, input, dim, mask, lengths, running_mean, running_var, weight, bias):
+    """``prepare_channel_norm`` with BatchNorm's parameters (batch_norm, batch_renorm,
+    sync_batch_norm)."""
+    params = dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    return prepare_channel_norm(fn, input, dim, mask, lengths, **params)
+
+
 def as_param(t: torch.Tensor | None, shape) -> torch.Tensor | None:
     return None if t is None else t.reshape(shape)
 

@@ -45,19 +45,9 @@ class _Normalize(torch.autograd.Function):
                 return composite.normalize_forward(x, weight, bias, *args)[0]
 
             return double_backward(ctx, dy, forward, (x, weight, bias)) + (None,) * 7
+        needs = ctx.needs_input_grad[:3]
         dx, dweight, dbias = composite.normalize_backward(
-            dy,
-            x,
-            weight,
-            bias,
-            mean,
-            rstd,
-            reduction_dims,
-            center,
-            stats_given,
-            ctx.needs_input_grad[:3],
-            mask,
-            sync,
+            dy, x, weight, bias, mean, rstd, reduction_dims, center, stats_given, needs, mask, sync
         )
         return dx, dweight, dbias, *(None,) * 7
 
@@ -65,15 +55,8 @@ class _Normalize(torch.autograd.Function):
 def forward(call):
     """(y, mean, var) of a ``normlab.backends.registry.Call`` in the composite family."""
     spec = call.spec
+    x, eps = call.x, float(call.eps)
     return _Normalize.apply(
-        call.x,
-        call.weight,
-        call.bias,
-        spec.reduction,
-        float(call.eps),
-        spec.center,
-        call.mean,
-        call.var,
-        call.mask,
-        call.sync,
-    )
+        x, call.weight, call.bias, spec.reduction, eps, spec.center, call.mean, call.var,
+        call.mask, call.sync,
+    )  # fmt: skip
