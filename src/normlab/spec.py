@@ -58,7 +58,7 @@ class NormSpec:
 
     def keep_shape(self, shape) -> tuple[int, ...]:
         """The statistics' (keepdim) shape for an input of ``shape``."""
-        return tuple(1 if d in self.reduction else n for d, n in enumerate(shape))
+        return tuple([1 if d in self.reduction else n for d, n in enumerate(shape)])
 
     def param_shape(self, shape) -> tuple[int, ...]:
         """The shape that broadcasts a parameter of the feature axes against ``shape``."""
@@ -91,7 +91,7 @@ class Layout:
 
 
 def _varies(shape, axes) -> bool:
-    return any(shape[d] != 1 for d in axes)
+    return any([shape[d] != 1 for d in axes])
 
 
 def _rows(spec: NormSpec, shape, affine: bool) -> Layout | str:
@@ -100,7 +100,11 @@ def _rows(spec: NormSpec, shape, affine: bool) -> Layout | str:
         return "the reduction axes are not the trailing axes"
     if spec.stats != "batch" or spec.masked:
         return "rows kernels take neither given statistics nor a mask"
-    if affine and _varies(shape, set(spec.feature) ^ set(spec.reduction)):
+    if (
+        affine
+        and spec.feature != spec.reduction
+        and _varies(shape, set(spec.feature) ^ set(spec.reduction))
+    ):
         return "the parameters do not span exactly the normalized axes"
     features = math.prod([shape[d] for d in spec.reduction])
     return Layout("rows", (math.prod(shape) // features, features))

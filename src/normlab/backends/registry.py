@@ -111,8 +111,9 @@ def _kernel_takes(family: str):
             return "input is not contiguous"
         if x.numel() == 0:
             return "empty input"
-        if not all(_param_ok(x, t) for t in (call.weight, call.bias, call.mean, call.var)):
-            return "parameters or statistics of another dtype, device or rank than the input"
+        for t in (call.weight, call.bias, call.mean, call.var):
+            if not _param_ok(x, t):
+                return "parameters or statistics of another dtype, device or rank than the input"
         mask = call.mask
         if mask is not None and (mask.dim() != x.dim() or mask.device != x.device):
             return "mask of another rank or device than the input"
