@@ -6,7 +6,7 @@ something arbitrary (a wrong shape, dtype, type or value), or a module built fro
 constructor arguments and called on an input. The rule for every case:
 
 - it raises a ValueError or TypeError whose message is not empty, raised by normlab's own
-  checks (the functional, module, axes, masks and _checks layers), before any kernel runs;
+  checks (the functional, module, axes, masks and checks layers), before any kernel runs;
   an out-of-range axis is an IndexError from ``normlab.axes``, as in torch;
 - or it succeeds, and then its outputs, updated running statistics and gradients equal the
   float64 reference (``tests/oracle.py``) of the same arguments.
@@ -50,7 +50,7 @@ from tolerances import grad_tol, tol
 
 SRC = Path(normlab.__file__).parent
 # Where a user error may be raised: the API layers, never the ops or the kernels.
-CHECK_LAYERS = ("functional", "modules", "axes.py", "masks.py", "_checks.py", "backends.py")
+CHECK_LAYERS = ("functional", "modules", "axes.py", "masks.py", "checks.py", "backends")
 
 # A backend's rounding errors grow with the conditioning of the call; the reference moved by
 # a perturbation of the input of the accumulation dtype's epsilon, times this, bounds them.

@@ -22,7 +22,9 @@ import normlab
 import normlab.functional as NF
 from normlab import backends
 from normlab import reference as ref
-from normlab.ops import fused_channels, fused_groups, fused_rows
+from normlab.ops import kernel_ops as fused_channels
+from normlab.ops import kernel_ops as fused_groups
+from normlab.ops import kernel_ops as fused_rows
 from tolerances import grad_tol, tol
 
 FLOATS = [torch.float32, torch.float64]

@@ -24,7 +24,7 @@ from fuzz_api import check_call
 from normlab import axes as _axes
 from normlab import backends
 from normlab import functional as F
-from normlab.ops import dispatch
+from normlab.backends import registry as dispatch
 from tolerances import grad_tol, tol
 
 # The backends every property runs on. A backend added to normlab.backends.BACKENDS joins

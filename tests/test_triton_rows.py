@@ -28,7 +28,7 @@ from normlab import backends
 from normlab import reference as ref
 from normlab.axes import feature_norm_axes
 from normlab.kernels.gpu import interpreting
-from normlab.ops import fused_rows
+from normlab.ops import kernel_ops as fused_rows
 from tolerances import grad_tol, tol
 
 if not torch.cuda.is_available() and not interpreting():

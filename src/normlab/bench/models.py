@@ -88,7 +88,9 @@ def _transformer(name: str, width: int, layers: int) -> nn.Module:
         )
         return transformers.LlamaForCausalLM(config)
     config = transformers.BertConfig(
-        **common, intermediate_size=4 * width, hidden_dropout_prob=0.0,
+        **common,
+        intermediate_size=4 * width,
+        hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
     return transformers.BertModel(config, add_pooling_layer=False)

@@ -12,6 +12,9 @@ Ranks with an empty or fully padded batch contribute n_r = 0 and still join. Bac
 two per-channel sums of the BatchNorm gradient, sum(g) and sum(g * xhat), are all-reduced in
 one collective; dx then equals the single-process gradient on the concatenated batch.
 Weight and bias gradients stay local (DistributedDataParallel reduces them).
+
+Both collectives are a statistics hook (``SyncStatistics``) of the one normalization
+(``normlab.ops.normalize(..., sync=hook)``): the rest is BatchNorm's common path.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import torch.distributed as dist
 
 from normlab.functional.statistics import (
     as_param,
-    prepare_channel_norm,
+    prepare_batch_norm,
     update_running_stats,
 )
-from normlab.kernels import composite
+from normlab.ops import normalize
+from normlab.spec import NormSpec
 
 
 def merge_moments(counts, means, m2s):
@@ -39,11 +43,15 @@ def merge_moments(counts, means, m2s):
     return total, mean, m2 / safe_total
 
 
-def _local_moments(x, reduction_dims, mask, num_features):
+def _local_moments(x, reduction_dims, mask):
     """(count, mean, M2) per channel of this rank's real elements, float64, each (C,)."""
     xf = x.to(torch.float64)
-    count = composite.reduced_count(x.shape, reduction_dims, mask, torch.float64)
-    count = torch.as_tensor(count, dtype=torch.float64, device=x.device)
+    if mask is None:
+        count = math.prod([x.shape[d] for d in reduction_dims])
+        count = torch.tensor(count, dtype=torch.float64, device=x.device)
+    else:
+        full = [n if d in reduction_dims else mask.shape[d] for d, n in enumerate(x.shape)]
+        count = torch.broadcast_to(mask, full).sum(dim=reduction_dims, keepdim=True).double()
 
     def real_sum(t):  # select, not multiply: NaN/Inf in padding must not leak in
         real = t if mask is None else torch.where(mask, t, 0)
@@ -51,20 +59,24 @@ def _local_moments(x, reduction_dims, mask, num_features):
 
     mean = real_sum(xf) / count.clamp_min(1)
     m2 = real_sum((xf - mean).square())
-    return (
-        torch.broadcast_to(count, mean.shape).reshape(num_features),
-        mean.reshape(num_features),
-        m2.reshape(num_features),
-    )
+    return torch.broadcast_to(count, mean.shape).reshape(-1), mean.reshape(-1), m2.reshape(-1)
 
 
-class _SyncNormalize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, mask, reduction_dims, eps, group, stat_shape, fn):
-        num_features = math.prod(stat_shape)  # stat_shape is 1 but at the channel axis
-        local = torch.stack(_local_moments(x, reduction_dims, mask, num_features))  # (3, C)
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, local, group=group)
+class SyncStatistics:
+    """SyncBatchNorm's statistics hook: ``statistics`` gathers every rank's (count, mean, M2)
+    in one all_gather and merges them (the global count stays in ``count``);
+    ``all_reduce`` sums the backward's two reductions over the ranks in one all_reduce."""
+
+    def __init__(self, group, fn: str):
+        self.group, self.fn = group, fn
+        self.count = None
+
+    def statistics(self, x, reduction_dims, mask):
+        """(mean, biased var) of every rank's real elements, keepdim, in the accumulation
+        dtype."""
+        local = torch.stack(_local_moments(x, reduction_dims, mask))  # (3, C)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(gathered, local, group=self.group)
         counts, means, m2s = torch.stack(gathered).unbind(1)
         total, mean, var = merge_moments(counts, means, m2s)
         fewest = int(total.min()) if total.numel() else 0
@@ -73,41 +85,19 @@ class _SyncNormalize(torch.autograd.Function):
         # is empty); with a mask every channel needs 2 real values.
         if fewest == 1 or (mask is not None and fewest < 2):
             raise ValueError(
-                f"{fn}: expected more than 1 value per channel when training, got "
+                f"{self.fn}: expected more than 1 value per channel when training, got "
                 f"{fewest} real value(s) in some channel over all ranks (this "
                 f"rank's input size {list(x.shape)})"
             )
-        acc = composite.accumulation_dtype(x.dtype)
-        mean, var = mean.to(acc).reshape(stat_shape), var.to(acc).reshape(stat_shape)
-        y, mean, rstd, var = composite.normalize_forward(
-            x, weight, bias, reduction_dims, eps, True, mean, var
-        )
-        total = total.to(acc).reshape(stat_shape)
-        ctx.save_for_backward(x, weight, bias, mean, rstd, mask, total)
-        ctx.config = (reduction_dims, group)
-        ctx.mark_non_differentiable(mean, var, total)
-        return y, mean, var, total
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        shape = [1 if d in reduction_dims else n for d, n in enumerate(x.shape)]
+        self.count = total.to(acc).reshape(shape)
+        return mean.to(acc).reshape(shape), var.to(acc).reshape(shape)
 
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar, _dtotal):
-        x, weight, bias, mean, rstd, mask, total = ctx.saved_tensors
-        reduction_dims, group = ctx.config
-        acc = composite.accumulation_dtype(x.dtype)
-        dyf = dy.to(acc)
-        xhat = (x.to(acc) - mean) * rstd
-        g = dyf if weight is None else dyf * weight.to(acc)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            sum_g, sum_g_xhat = composite.gradient_sums(g, xhat, reduction_dims, mask)
-            sums = torch.cat([sum_g.reshape(-1), sum_g_xhat.reshape(-1)])
-            dist.all_reduce(sums, group=group)  # one collective for both sums
-            sum_g, sum_g_xhat = (s.reshape(mean.shape) for s in sums.chunk(2))
-            dx = composite.input_gradient(g, xhat, rstd, sum_g, sum_g_xhat, total, mask, True)
-            dx = dx.to(x.dtype)
-        dweight, dbias = composite.affine_backward(
-            dyf, xhat, weight, bias, mask, ctx.needs_input_grad[:3]
-        )
-        return dx, dweight, dbias, None, None, None, None, None, None
+    def all_reduce(self, sum_g, sum_g_xhat):
+        sums = torch.cat([sum_g.reshape(-1), sum_g_xhat.reshape(-1)])
+        dist.all_reduce(sums, group=self.group)  # one collective for both sums
+        return tuple(s.reshape(sum_g.shape) for s in sums.chunk(2))
 
 
 def sync_batch_norm(
@@ -129,32 +119,21 @@ def sync_batch_norm(
     running statistics (if given) become identical on every rank: those of single-process
     BatchNorm on the concatenation of all ranks' real elements."""
     fn = "sync_batch_norm"
-    norm_axes, mask = prepare_channel_norm(
-        fn,
-        input,
-        dim,
-        mask,
-        lengths,
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
+    norm_axes, mask = prepare_batch_norm(
+        fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
-    channel = norm_axes.feature[0]
-    num_features = input.shape[channel]
     param_shape = norm_axes.param_shape(input.shape)
-    stat_shape = tuple(1 if d != channel else num_features for d in range(input.dim()))
-    y, mean, var, total = _SyncNormalize.apply(
+    sync = SyncStatistics(process_group, fn)
+    y, mean, var = normalize(
+        NormSpec.of(norm_axes, masked=mask is not None),
         input,
         as_param(weight, param_shape),
         as_param(bias, param_shape),
-        mask,
-        norm_axes.reduction,
-        float(eps),
-        process_group,
-        stat_shape,
-        fn,
+        eps,
+        mask=mask,
+        sync=sync,
     )
+    total = sync.count
     if int(total.min()) >= 2:  # an all-empty global batch carries no statistics
         update_running_stats(
             running_mean,

@@ -1,8 +1,9 @@
 """Functional API, signature-compatible with ``torch.nn.functional`` (plus normlab's ``dim``,
 ``mask`` and ``lengths``), and the norms torch lacks (batch renormalization, PowerNorm).
 
-Each function resolves its norm's axes (``normlab.axes``), validates its input and calls the
-one differentiable normalization (``normlab.ops``).
+Each function checks its call (``normlab.checks``: the one validation point), resolves its
+norm's axes (``normlab.axes``) into a ``normlab.spec.NormSpec`` and hands it to the one
+differentiable normalization (``normlab.ops``); no layer below validates again.
 """
 
 from normlab.functional.batch import batch_norm, batch_renorm

@@ -5,30 +5,26 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_reals
-from normlab.functional.statistics import (
-    as_param,
+from normlab.checks import (
     check_enough_values,
-    prepare_channel_norm,
-    real_count,
-    update_running_stats,
+    check_renorm_limits,
+    check_running_stats,
+    check_scalars,
+    check_virtual_batch,
 )
-from normlab.kernels import composite
-from normlab.ops import normalize
+from normlab.functional.statistics import as_param, prepare_batch_norm, update_running_stats
+from normlab.ops import normalize, real_count, statistics
+from normlab.spec import NormSpec
 
 
 def _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, flag):
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            f"{fn}: running_mean and running_var are required when {flag}, got "
-            f"{type(running_mean).__name__} and {type(running_var).__name__}"
-        )
+    check_running_stats(fn, running_mean, running_var, f"when {flag}")
     shape = norm_axes.param_shape(input.shape)
     y, _, _ = normalize(
+        NormSpec.of(norm_axes, stats="given"),
         input,
         as_param(weight, shape),
         as_param(bias, shape),
-        norm_axes.reduction,
         eps,
         mean=as_param(running_mean, shape),
         var=as_param(running_var, shape),
@@ -42,24 +38,8 @@ def _virtual_batches(input, mask, norm_axes, virtual_batch_size, fn):
     if virtual_batch_size is None:
         return input, mask, norm_axes
     channel = norm_axes.feature[0]
-    batch = input.shape[0]
-    if (
-        isinstance(virtual_batch_size, bool)
-        or not isinstance(virtual_batch_size, int)
-        or virtual_batch_size < 1
-    ):
-        raise ValueError(
-            f"{fn}: virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}"
-        )
-    if channel == 0:
-        raise ValueError(f"{fn}: virtual batches split axis 0, which is the channel axis here")
-    if batch % virtual_batch_size:
-        raise ValueError(
-            f"{fn}: the batch size must be divisible by virtual_batch_size, got "
-            f"batch {batch} (input shape {list(input.shape)}) and "
-            f"virtual_batch_size={virtual_batch_size}"
-        )
-    groups = batch // virtual_batch_size
+    check_virtual_batch(fn, input, channel, virtual_batch_size)
+    groups = input.shape[0] // virtual_batch_size
     x = input.reshape(groups, virtual_batch_size, *input.shape[1:])
     if mask is not None:
         mask = (
@@ -78,7 +58,8 @@ def _batch_statistics_norm(
     the number of virtual batches (1 without ghost batches). ``affine`` maps the batch
     statistics to the (weight, bias) to apply, for batch renormalization."""
     x, m, axes = _virtual_batches(input, mask, norm_axes, virtual_batch_size, fn)
-    count = real_count(x, axes.reduction, m)
+    spec = NormSpec.of(axes, masked=m is not None)
+    count = real_count(spec, x, m)
     check_enough_values(count, input, fn=fn, per="channel", masked=m is not None)
     channel = norm_axes.feature[0]
     param_shape = [1] * x.dim()
@@ -86,9 +67,9 @@ def _batch_statistics_norm(
     weight, bias = as_param(weight, param_shape), as_param(bias, param_shape)
     if affine is not None:
         with torch.no_grad():
-            mean, var = composite.statistics(x, axes.reduction, True, m)
+            mean, var = statistics(spec, x, m)
         weight, bias = affine(mean, var, weight, bias)
-    y, mean, var = normalize(x, weight, bias, axes.reduction, eps, mask=m)
+    y, mean, var = normalize(spec, x, weight, bias, eps, mask=m)
     groups = x.shape[0] if virtual_batch_size is not None else 1
     channels = input.shape[channel]  # not -1: an empty batch has 0 virtual batches
     return (
@@ -127,18 +108,10 @@ def batch_norm(
     batches with their own statistics; the running statistics are updated with their average.
     """
     fn = "batch_norm"
-    norm_axes, mask = prepare_channel_norm(
-        fn,
-        input,
-        dim,
-        mask,
-        lengths,
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
+    norm_axes, mask = prepare_batch_norm(
+        fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
-    check_reals(fn, eps=eps, momentum=momentum)
+    check_scalars(fn, eps=eps, momentum=momentum)
     if not training:
         return _eval(
             fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
@@ -183,28 +156,12 @@ def batch_renorm(
     statistics are used. ``mask``/``lengths`` as in :func:`batch_norm`.
     """
     fn = "batch_renorm"
-    norm_axes, mask = prepare_channel_norm(
-        fn,
-        input,
-        dim,
-        mask,
-        lengths,
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
+    norm_axes, mask = prepare_batch_norm(
+        fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
-    check_reals(fn, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max)
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            f"{fn}: running_mean and running_var are required (the correction r, "
-            f"d is relative to them), got {type(running_mean).__name__} and "
-            f"{type(running_var).__name__}"
-        )
-    if not r_max >= 1 or not d_max >= 0:
-        raise ValueError(
-            f"{fn}: expected r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}"
-        )
+    check_scalars(fn, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max)
+    check_running_stats(fn, running_mean, running_var, "(the correction r, d is relative to them)")
+    check_renorm_limits(fn, r_max, d_max)
     if not training:
         return _eval(
             fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"

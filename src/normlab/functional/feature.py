@@ -7,13 +7,14 @@ from collections.abc import Sequence
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_floating, check_param, check_real
+from normlab.checks import check_floating, check_param, check_scalar
 from normlab.ops import add_normalize, normalize
+from normlab.spec import NormSpec
 
 
 def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, residual=None):
     check_floating(x, fn=fn)
-    check_real(eps, fn=fn, argument="eps")
+    check_scalar(eps, fn=fn, argument="eps")
     if residual is not None:
         _check_residual(fn, x, residual)
     shape = _axes.as_shape(normalized_shape)
@@ -30,9 +31,10 @@ def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, resid
     param_shape = norm_axes.param_shape(x.shape)
     weight = None if weight is None else weight.reshape(param_shape)
     bias = None if bias is None else bias.reshape(param_shape)
+    spec = NormSpec.of(norm_axes, center=center)
     if residual is not None:
-        return add_normalize(x, residual, weight, bias, norm_axes.reduction, eps, center=center)
-    y, _, _ = normalize(x, weight, bias, norm_axes.reduction, eps, center=center)
+        return add_normalize(spec, x, residual, weight, bias, eps)
+    y, _, _ = normalize(spec, x, weight, bias, eps)
     return y
 
 

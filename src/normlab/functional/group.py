@@ -5,15 +5,18 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_floating, check_min_ndim, check_real
-from normlab.functional.statistics import (
-    as_param,
+from normlab.checks import (
     check_channel_params,
     check_enough_values,
-    real_count,
+    check_floating,
+    check_groups,
+    check_min_ndim,
+    check_scalar,
 )
+from normlab.functional.statistics import as_param
 from normlab.masks import channel_mask
-from normlab.ops import normalize
+from normlab.ops import normalize, real_count
+from normlab.spec import NormSpec
 
 
 def group_norm(
@@ -34,16 +37,9 @@ def group_norm(
     fn = "group_norm"
     check_floating(input, fn=fn)
     check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
-    check_real(eps, fn=fn, argument="eps")
+    check_scalar(eps, fn=fn, argument="eps")
+    check_groups(fn, input, num_groups)
     channels = input.shape[1]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
-    if channels % num_groups:
-        raise ValueError(
-            f"{fn}: the channel count must be divisible by num_groups, got "
-            f"{channels} channels (input shape {list(input.shape)}) and "
-            f"num_groups={num_groups}"
-        )
     check_channel_params(fn, channels, weight=weight, bias=bias)
     mask = channel_mask(input, 1, mask, lengths, fn=fn)
     grouped = _axes.grouped_shape(input.shape, num_groups)
@@ -53,14 +49,13 @@ def group_norm(
         mask = torch.broadcast_to(mask, [mask.shape[0], 1, *spatial]).reshape(
             mask.shape[0], 1, 1, grouped[3]
         )
-    reduction = _axes.group_norm_axes().reduction
-    count = real_count(x, reduction, mask)
+    spec = NormSpec.of(_axes.group_norm_axes(), masked=mask is not None)
+    count = real_count(spec, x, mask)
     # No running statistics: the same check in eval (torch.nn returns the bias there).
     check_enough_values(count, input, fn=fn, per="group", masked=mask is not None, training=False)
     param_shape = (1, num_groups, channels // num_groups, 1)
-    y, _, _ = normalize(
-        x, as_param(weight, param_shape), as_param(bias, param_shape), reduction, eps, mask=mask
-    )
+    weight, bias = as_param(weight, param_shape), as_param(bias, param_shape)
+    y, _, _ = normalize(spec, x, weight, bias, eps, mask=mask)
     y = y.reshape(input.shape)
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
         y = y.contiguous(memory_format=torch.channels_last)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_floating, check_min_ndim, check_reals
-from normlab.functional.statistics import (
-    as_param,
+from normlab.checks import (
     check_channel_params,
     check_enough_values,
-    real_count,
-    update_running_stats,
+    check_floating,
+    check_min_ndim,
+    check_running_stats,
+    check_scalars,
 )
+from normlab.functional.statistics import as_param, update_running_stats
 from normlab.masks import channel_mask
-from normlab.ops import normalize
+from normlab.ops import normalize, real_count
+from normlab.spec import NormSpec
 
 
 def instance_norm(
@@ -39,7 +41,7 @@ def instance_norm(
     fn = "instance_norm"
     check_floating(input, fn=fn)
     check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
-    check_reals(fn, eps=eps, momentum=momentum)
+    check_scalars(fn, eps=eps, momentum=momentum)
     norm_axes = _axes.instance_norm_axes(input.dim())
     num_features = input.shape[1]
     check_channel_params(
@@ -55,27 +57,24 @@ def instance_norm(
     weight, bias = as_param(weight, shape), as_param(bias, shape)
 
     if not use_input_stats:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                f"{fn}: running_mean and running_var are required when use_input_stats=False, "
-                f"got {type(running_mean).__name__} and {type(running_var).__name__}"
-            )
+        check_running_stats(fn, running_mean, running_var, "when use_input_stats=False")
         y, _, _ = normalize(
+            NormSpec.of(norm_axes, stats="given"),
             input,
             weight,
             bias,
-            norm_axes.reduction,
             eps,
             mean=as_param(running_mean, shape),
             var=as_param(running_var, shape),
         )
         return y
 
-    count = real_count(input, norm_axes.reduction, mask)
+    spec = NormSpec.of(norm_axes, masked=mask is not None)
+    count = real_count(spec, input, mask)
     check_enough_values(
         count, input, fn=fn, per="instance (sample, channel)", masked=mask is not None
     )
-    y, mean, var = normalize(input, weight, bias, norm_axes.reduction, eps, mask=mask)
+    y, mean, var = normalize(spec, input, weight, bias, eps, mask=mask)
     n = input.shape[0]
     if n:
         update_running_stats(

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from normlab._checks import check_reals
-from normlab.functional.statistics import (
-    as_param,
-    check_enough_values,
-    prepare_channel_norm,
-    real_count,
-)
-from normlab.kernels import composite
-from normlab.ops import normalize, power_norm_approx
-from normlab.ops.power_norm_train import power_norm_train
+from normlab.checks import check_enough_values, check_scalars
+from normlab.functional.statistics import as_param, prepare_channel_norm
+from normlab.ops import normalize, power_norm_approx, real_count, statistics
+from normlab.ops.power_norm import power_norm_train
+from normlab.spec import NormSpec
 
 
 def _prepare(input, running_phi, running_grad_stat, weight, bias, dim, mask, lengths):
@@ -76,37 +71,35 @@ def power_norm(
     norm_axes, mask, shape, weight, bias = _prepare(
         input, running_phi, running_grad_stat, weight, bias, dim, mask, lengths
     )
-    check_reals(fn, eps=eps, momentum=momentum, alpha_bkw=alpha_bkw)
+    check_scalars(fn, eps=eps, momentum=momentum, alpha_bkw=alpha_bkw)
     if not training:
         y, _, _ = normalize(
+            NormSpec.of(norm_axes, center=False, stats="given"),
             input,
             weight,
             bias,
-            norm_axes.reduction,
             eps,
-            center=False,
             mean=torch.zeros_like(running_phi).reshape(shape),
             var=running_phi.reshape(shape),
         )
         return y
 
-    count = real_count(input, norm_axes.reduction, mask)
+    spec = NormSpec.of(norm_axes, center=False, masked=mask is not None)
+    count = real_count(spec, input, mask)
     check_enough_values(count, input, fn=fn, per="channel", masked=mask is not None)
     if warmup:
-        y, _, batch_phi = normalize(
-            input, weight, bias, norm_axes.reduction, eps, center=False, mask=mask
-        )
+        y, _, batch_phi = normalize(spec, input, weight, bias, eps, mask=mask)
     else:
         with torch.no_grad():
-            _, batch_phi = composite.statistics(input, norm_axes.reduction, False, mask)
+            _, batch_phi = statistics(spec, input, mask)
         previous_phi = running_phi.detach().clone().reshape(shape)
         y = power_norm_approx(
+            NormSpec.of(norm_axes, center=False, stats="power", masked=mask is not None),
             input,
             weight,
             bias,
             previous_phi,
             running_grad_stat,
-            norm_axes.reduction,
             eps,
             alpha_bkw,
             mask,
@@ -143,7 +136,7 @@ def power_norm_train_step(
     norm_axes, mask, shape, weight, bias = _prepare(
         input, running_phi, running_grad_stat, weight, bias, dim, mask, lengths
     )
-    count = real_count(input, norm_axes.reduction, mask)
+    count = real_count(NormSpec.of(norm_axes), input, mask)
     check_enough_values(count, input, fn=fn, per="channel", masked=mask is not None)
     y, batch_phi, _ = power_norm_train(
         input,

@@ -1,12 +1,12 @@
-"""What the channel-wise norms share: parameter checks, real counts, running statistics."""
+"""What the channel-wise norms share: their preparation (axes, mask) and the running-statistics
+update."""
 
 from __future__ import annotations
 
 import torch
 
 from normlab import axes as _axes
-from normlab._checks import check_floating, check_min_ndim, check_param
-from normlab.kernels.composite import mask_count
+from normlab.checks import check_channel_params, check_floating, check_min_ndim
 from normlab.masks import channel_mask
 
 
@@ -21,50 +21,15 @@ def prepare_channel_norm(fn: str, input, dim: int, mask, lengths, **params):
     return norm_axes, channel_mask(input, channel, mask, lengths, fn=fn)
 
 
-def check_channel_params(fn: str, num_features: int, **params) -> None:
-    """weight, bias and running statistics: None or exactly (num_features,)."""
-    for name, param in params.items():
-        check_param(param, (num_features,), fn=fn, argument=name)
+def prepare_batch_norm(fn, input, dim, mask, lengths, running_mean, running_var, weight, bias):
+    """``prepare_channel_norm`` with BatchNorm's parameters (batch_norm, batch_renorm,
+    sync_batch_norm)."""
+    params = dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    return prepare_channel_norm(fn, input, dim, mask, lengths, **params)
 
 
 def as_param(t: torch.Tensor | None, shape) -> torch.Tensor | None:
     return None if t is None else t.reshape(shape)
-
-
-def real_count(x: torch.Tensor, reduction: tuple[int, ...], mask: torch.Tensor | None):
-    """Elements per statistic: an int without a mask, a (keepdim) tensor with one."""
-    if mask is None:
-        count = 1
-        for d in reduction:
-            count *= x.shape[d]
-        return count
-    return mask_count(mask, x.shape, reduction)
-
-
-def check_enough_values(
-    count, x: torch.Tensor, *, fn: str, per: str, masked: bool, training: bool = True
-) -> None:
-    """Statistics of fewer than 2 values are meaningless in training: refuse, as torch does
-    for one value (an empty unmasked input is allowed: its output is empty). With a mask,
-    every statistic needs 2 real values; the check reads the mask's counts, so it is skipped
-    while torch.compile traces (data-dependent). ``training=False``: a norm without running
-    statistics (GroupNorm), whose input statistics are used in every mode."""
-    when = " when training" if training else ""
-    if not masked:
-        if count == 1:
-            raise ValueError(
-                f"{fn}: expected more than 1 value per {per}{when}, got input size {list(x.shape)}"
-            )
-        return
-    if torch.compiler.is_compiling():
-        return
-    fewest = int(count.min()) if count.numel() else 0
-    if fewest < 2:
-        raise ValueError(
-            f"{fn}: expected more than 1 value per {per}{when}, got "
-            f"{fewest} real value(s) in some {per} (mask of input size "
-            f"{list(x.shape)})"
-        )
 
 
 @torch.no_grad()

@@ -5,6 +5,8 @@ float32, half and bfloat16 input (float64 for float64 input); the output has the
 dtype. The math is the reference's (``normlab.reference.core``), term for term, with one
 refinement: below float64 the mean is carried in float64 (``moments``, ``deviation``), so a
 large mean with a small spread (1e4 + 1e-3 noise) is centred as exactly as by the kernels.
+PowerNorm after warmup (its forward with the running quadratic mean, the paper's approximate
+backward) is at the end.
 """
 
 from __future__ import annotations
@@ -112,12 +114,14 @@ def normalize_backward(
     stats_given,
     needs=(True, True, True),
     mask=None,
+    sync=None,
 ):
     """Gradients (dx, dweight, dbias); an entry is None where ``needs`` says it is not wanted.
 
     With a mask m and real count n the statistics depend on real elements only, so
     dx = rstd * (g - m * sum_R(g) / n - m * xhat * sum_R(g * xhat) / n), the sums over all
-    elements (padded outputs depend on the statistics too).
+    elements (padded outputs depend on the statistics too). ``sync`` (SyncBatchNorm's
+    statistics hook) sums them over every rank, and n is the count over every rank.
     """
     acc = accumulation_dtype(x.dtype)
     dyf = dy.to(acc)
@@ -131,6 +135,9 @@ def normalize_backward(
         else:
             count = reduced_count(x.shape, reduction_dims, mask, acc)
             sum_g, sum_g_xhat = gradient_sums(g, xhat, reduction_dims, mask)
+            if sync is not None:
+                count = sync.count.to(acc)
+                sum_g, sum_g_xhat = sync.all_reduce(sum_g, sum_g_xhat)
             dx = input_gradient(g, xhat, rstd, sum_g, sum_g_xhat, count, mask, center)
             dx = dx.to(x.dtype)
     return (dx, *affine_backward(dyf, xhat, weight, bias, mask, needs))
@@ -176,3 +183,59 @@ def affine_backward(dyf, xhat, weight, bias, mask, needs=(True, True, True)):
     if bias is not None and needs[2]:
         dbias = dyf.sum_to_size(bias.shape).to(bias.dtype)
     return dweight, dbias
+
+
+# --- PowerNorm after warmup -------------------------------------------------------------------
+#
+# PowerNorm after warmup in plain torch operations: the forward divides by the *running*
+# quadratic mean, the backward is the paper's approximate backpropagation.
+#
+# Shen et al., "PowerNorm: Rethinking Batch Normalization in Transformers", ICML 2020,
+# Algorithm 1. With psi^2 the running quadratic mean (before this step's update), nu the
+# running gradient statistic, alpha = alpha_bkw and g = weight * dy:
+#
+#     xhat  = x / sqrt(psi^2 + eps)              y = weight * xhat + bias
+#     dx    = (g - m * nu * xhat) / sqrt(psi^2 + eps)      (m = 1 at real elements, else 0)
+#     nu'   = nu * (1 - (1 - alpha) * Gamma) + (1 - alpha) * Lambda
+#     Gamma = mean over real elements of xhat^2,  Lambda = mean over real elements of g * xhat
+
+
+def power_norm_forward(x, weight, bias, phi, eps):
+    """y = weight * x / sqrt(phi + eps) + bias, ``phi`` broadcastable (keepdim)."""
+    acc = accumulation_dtype(x.dtype)
+    y = x.to(acc) * torch.rsqrt(phi.to(acc) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def power_norm_backward(
+    dy, x, weight, bias, phi, nu, reduction_dims, eps, alpha_bkw, mask, needs=(True, True, True)
+):
+    """Returns (dx, dweight, dbias, new_nu); ``nu`` and ``new_nu`` broadcast like ``phi``."""
+    acc = accumulation_dtype(x.dtype)
+    dyf = dy.to(acc)
+    rstd = torch.rsqrt(phi.to(acc) + eps)
+    xhat = x.to(acc) * rstd
+    g = dyf if weight is None else dyf * weight.to(acc)
+    nu = nu.to(acc)
+
+    if mask is None:
+        count = math.prod([x.shape[d] for d in reduction_dims])
+    else:
+        count = mask_count(mask, x.shape, reduction_dims).to(acc)
+
+    def real_mean(t):  # select, not multiply: NaN/Inf in padding must not leak in
+        real = t if mask is None else torch.where(mask, t, 0)
+        return real.sum(dim=reduction_dims, keepdim=True) / count
+
+    gamma = real_mean(xhat.square())
+    lam = real_mean(g * xhat)  # real elements only, so NaN in padding stays out
+    new_nu = nu * (1 - (1 - alpha_bkw) * gamma) + (1 - alpha_bkw) * lam
+
+    # nu * xhat is the gradient through the batch statistic, which padding does not enter.
+    correction = nu * xhat if mask is None else torch.where(mask, nu * xhat, 0)
+    dx = ((g - correction) * rstd).to(x.dtype) if needs[0] else None
+    return (dx, *affine_backward(dyf, xhat, weight, bias, mask, needs), new_nu)

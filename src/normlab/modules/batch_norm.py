@@ -7,7 +7,7 @@ import torch
 
 from normlab import functional as F
 from normlab.axes import normalize_axis
-from normlab.modules.arguments import check_axis, check_int
+from normlab.checks import check_axis, check_int
 from normlab.modules.running_stats import NormWithRunningStats
 
 

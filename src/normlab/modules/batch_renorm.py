@@ -7,7 +7,7 @@ import math
 import torch
 
 from normlab import functional as F
-from normlab.modules.arguments import check_int, check_real
+from normlab.checks import check_int, check_real, check_renorm_limits
 from normlab.modules.batch_norm import BatchNorm, FixedRank
 
 
@@ -65,10 +65,7 @@ class BatchRenorm(BatchNorm):
         owner = type(self).__name__
         check_real(owner, "r_max", r_max, -math.inf, finite=False)
         check_real(owner, "d_max", d_max, -math.inf, finite=False)
-        if not r_max >= 1 or not d_max >= 0:
-            raise ValueError(
-                f"{owner}: expected r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}"
-            )
+        check_renorm_limits(owner, r_max, d_max)
         check_int(owner, "warmup_steps", warmup_steps, 0)
         check_int(owner, "ramp_steps", ramp_steps, 0)
         super().__init__(

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from normlab import functional as F
+from normlab.checks import check_common, check_int
 from normlab.modules.affine import register_affine, reset_affine
-from normlab.modules.arguments import check_common, check_int
 
 
 class GroupNorm(nn.Module):

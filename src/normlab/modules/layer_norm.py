@@ -9,8 +9,8 @@ from torch import nn
 
 from normlab import functional as F
 from normlab.axes import as_dims, as_shape
+from normlab.checks import check_common, check_real
 from normlab.modules.affine import register_affine, reset_affine
-from normlab.modules.arguments import check_common, check_real
 
 
 class _FeatureNorm(nn.Module):

@@ -7,9 +7,9 @@ from torch import nn
 
 from normlab import functional as F
 from normlab.axes import normalize_axis
+from normlab.checks import check_axis, check_common, check_int, check_real
 from normlab.functional.power import power_norm_train_step
 from normlab.modules.affine import register_affine, reset_affine
-from normlab.modules.arguments import check_axis, check_common, check_int, check_real
 
 
 class PowerNorm(nn.Module):

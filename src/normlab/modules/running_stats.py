@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.checks import check_common, check_int, check_real
 from normlab.modules.affine import register_affine, reset_affine
-from normlab.modules.arguments import check_common, check_int, check_real
 
 
 class NormWithRunningStats(nn.Module):

@@ -1,48 +1,62 @@
-"""``power_norm_approx``: PowerNorm after warmup, with the paper's approximate backward.
+"""PowerNorm after warmup (``NormSpec.stats == "power"``): the forward divides by the running
+quadratic mean phi, the backward is the paper's approximate one, which updates the running
+gradient statistic ``nu`` in place (Algorithm 1 of Shen et al. 2020); it is not the exact
+gradient of the forward, so it is first-order only.
 
-The backward updates the running gradient statistic ``nu`` in place (Algorithm 1 of Shen et
-al. 2020); it is not the exact gradient of the forward, so it is first-order only.
+Each family runs it with its own launchers (composite: ``normlab.kernels.composite``;
+Numba: ``normlab.kernels.cpu.launchers``; Triton: ``normlab.kernels.gpu.power_norm``, the
+kernels on the channels layout the registry chose). ``power_norm_approx`` is the eager op;
+``power_norm_train`` one whole training step as a custom op, for compiled graphs:
+
+Eager PowerNorm picks its branch in Python (``int(num_batches_tracked)``: warmup with the
+batch's own quadratic mean, or the running one with the approximate backward that updates
+``nu`` in place). A compiled graph cannot branch on a tensor's value nor record an in-place
+update inside an ``autograd.Function`` backward. So here the branch is taken inside an
+opaque, functional op (``step`` is a tensor input), and the backward is a second op that
+declares its mutation of ``nu`` (``mutates_args``), which AOTAutograd keeps in the compiled
+backward. Both call the eager code paths, so compiled and eager steps give the same numbers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from normlab.kernels import power_norm as kernel
-from normlab.ops import dispatch
-from normlab.ops.fused_common import array, launch, mask_array
+from normlab.backends import registry
+from normlab.kernels import composite
+from normlab.kernels.cpu import launchers
+from normlab.ops.normalize import normalize
+from normlab.spec import NormSpec
 
 
-def _plan(x, weight, bias, phi, reduction_dims, mask):
-    """The channels plan (Numba, or Triton on CUDA and in the interpreter) for this call, or
-    None for the composite."""
-    plan = dispatch.choose(x, weight, bias, reduction_dims, True, phi, phi, mask)
-    if plan is not None and plan.layout != "channels":
-        return None
-    return plan
+def _launchers(family: str):
+    if family == "triton":
+        from normlab.kernels.gpu import power_norm
+
+        return power_norm
+    return launchers
 
 
-def power_norm_approx_forward(x, weight, bias, phi, reduction_dims, eps, mask):
-    """y = weight * x / sqrt(phi + eps) + bias (a fused channels kernel or the composite)."""
-    plan = _plan(x, weight, bias, phi, reduction_dims, mask)
-    if plan is not None:
-        forward = _triton_forward if plan.kernel == "triton" else _numba_forward
-        return forward(plan, x, weight, bias, phi, eps)
-    return kernel.power_norm_forward(x, weight, bias, phi, eps)
+def forward(family: str, call) -> torch.Tensor:
+    """y = weight * x / sqrt(phi + eps) + bias, phi = ``call.var``."""
+    x, phi, eps = call.x, call.var, float(call.eps)
+    if family == "composite":
+        return composite.power_norm_forward(x, call.weight, call.bias, phi, eps)
+    return _launchers(family).power_norm_forward(call.layout, x, call.weight, call.bias, phi, eps)
 
 
-def power_norm_approx_backward(dy, x, weight, bias, phi, nu, reduction_dims, eps, alpha_bkw, mask):
+def backward(family: str, call, dy, nu, alpha_bkw):
     """(dx, dweight, dbias) of the approximate backward (None for an absent parameter);
     updates ``nu`` in place."""
-    plan = _plan(x, weight, bias, phi, reduction_dims, mask)
-    if plan is not None:
-        backward = _triton_backward if plan.kernel == "triton" else _numba_backward
-        dx, dweight, dbias, new_nu = backward(
-            plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask
-        )
+    x, weight, bias, phi, mask = call.x, call.weight, call.bias, call.var, call.mask
+    eps = float(call.eps)
+    if family == "composite":
+        dx, dweight, dbias, new_nu = composite.power_norm_backward(
+            dy, x, weight, bias, phi, nu.reshape(phi.shape), call.spec.reduction, eps,
+            alpha_bkw, mask,
+        )  # fmt: skip
     else:
-        dx, dweight, dbias, new_nu = kernel.power_norm_backward(
-            dy, x, weight, bias, phi, nu.reshape(phi.shape), reduction_dims, eps, alpha_bkw, mask
+        dx, dweight, dbias, new_nu = _launchers(family).power_norm_backward(
+            call.layout, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask
         )
     if x.numel():  # an empty batch has no gradient statistics (0 / 0): nu stays
         with torch.no_grad():
@@ -52,11 +66,11 @@ def power_norm_approx_backward(dy, x, weight, bias, phi, nu, reduction_dims, eps
 
 class _PowerNormApprox(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, phi, nu, reduction_dims, eps, alpha_bkw, mask):
+    def forward(ctx, x, weight, bias, phi, nu, alpha_bkw, mask, family, call):
         ctx.save_for_backward(x, weight, bias, phi, mask)
         ctx.nu = nu  # the buffer the backward updates
-        ctx.config = (reduction_dims, eps, alpha_bkw)
-        return power_norm_approx_forward(x, weight, bias, phi, reduction_dims, eps, mask)
+        ctx.config = (family, call.spec, call.eps, call.layout, alpha_bkw)
+        return forward(family, call)
 
     @staticmethod
     def backward(ctx, dy):
@@ -68,10 +82,10 @@ class _PowerNormApprox(torch.autograd.Function):
                 "in warmup the exact gradient supports it"
             )
         x, weight, bias, phi, mask = ctx.saved_tensors
-        reduction_dims, eps, alpha_bkw = ctx.config
-        dx, dweight, dbias = power_norm_approx_backward(
-            dy, x, weight, bias, phi, ctx.nu, reduction_dims, eps, alpha_bkw, mask
-        )
+        family, spec, eps, layout, alpha_bkw = ctx.config
+        call = registry.Call(spec, x, weight, bias, eps, var=phi, mask=mask)
+        call.layout = layout
+        dx, dweight, dbias = backward(family, call, dy, ctx.nu, alpha_bkw)
         needs = ctx.needs_input_grad
         return (
             dx if needs[0] else None,
@@ -81,79 +95,154 @@ class _PowerNormApprox(torch.autograd.Function):
         )
 
 
-def _rstd(phi, eps):
-    return torch.rsqrt(phi.reshape(-1).double() + eps)
-
-
-def _numba_forward(plan, x, weight, bias, phi, eps):
-    """y = x * scale + shift on the channels kernel, scale = weight * rstd, shift = bias."""
-    from normlab.kernels.cpu import channels
-
-    c = plan.view[1]
-    scale = _rstd(phi, eps)
-    if weight is not None:
-        scale = scale * weight.reshape(-1).double()
-    shift = torch.zeros(c, dtype=torch.float64) if bias is None else bias.reshape(-1).double()
-    y = torch.empty_like(x)
-    view = x.reshape(plan.view)
-    launch(
-        channels.channel_apply, array(view), array(scale), array(shift), array(y.view(plan.view))
+def apply(family: str, call, nu, alpha_bkw) -> torch.Tensor:
+    """The registry's runner: ``call`` on ``family`` with the approximate backward."""
+    return _PowerNormApprox.apply(
+        call.x, call.weight, call.bias, call.var, nu, float(alpha_bkw), call.mask, family, call
     )
-    return y
-
-
-def _numba_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask):
-    """The one-pass kernel; returns (dx, dweight, dbias, new_nu)."""
-    from normlab.kernels.cpu import power_norm as cpu_kernel
-
-    c = plan.view[1]
-    rstd = _rstd(phi, eps)
-    w = torch.ones(c, dtype=torch.float64) if weight is None else weight.reshape(-1).double()
-    m = plan.kernel_mask(x, mask)
-    dx = torch.empty_like(x)
-    sums = torch.empty(4, c, dtype=torch.float64)
-    launch(
-        cpu_kernel.power_norm_backward,
-        array(dy.contiguous().reshape(plan.view)),
-        array(x.reshape(plan.view)),
-        array(rstd),
-        array(w),
-        array(nu.reshape(-1).double()),
-        mask_array(m),
-        array(dx.view(plan.view)),
-        array(sums),
-    )
-    count = plan.view[0] * plan.view[2] if m is None else int(m.sum())
-    gamma, lam = sums[2] / count, sums[3] / count
-    new_nu = nu.reshape(-1).double() * (1 - (1 - alpha_bkw) * gamma) + (1 - alpha_bkw) * lam
-    dweight = None if weight is None else sums[0].to(weight.dtype).reshape(weight.shape)
-    dbias = None if bias is None else sums[1].to(bias.dtype).reshape(bias.shape)
-    return dx, dweight, dbias, new_nu
-
-
-def _triton_forward(plan, x, weight, bias, phi, eps):
-    """``_numba_forward`` on the Triton kernel."""
-    from normlab.kernels.gpu import power_norm as gpu_kernel
-
-    return gpu_kernel.power_norm_forward(plan, x, weight, bias, phi, eps)
-
-
-def _triton_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask):
-    """``_numba_backward`` on the Triton kernel (new_nu in float32)."""
-    from normlab.kernels.gpu import power_norm as gpu_kernel
-
-    return gpu_kernel.power_norm_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask)
 
 
 # Under torch.compile this op stays eager (a graph break): its backward updates the nu buffer
 # in place, and a traced version (aot_eager, torch 2.13) gave different gradients and nu
 # than eager; correctness first.
 @torch.compiler.disable
-def power_norm_approx(x, weight, bias, phi, nu, reduction_dims, eps, alpha_bkw, mask=None):
+def power_norm_approx(spec, x, weight, bias, phi, nu, eps, alpha_bkw, mask=None):
     """y = weight * x / sqrt(phi + eps) + bias with PowerNorm's approximate backward.
 
-    ``weight``, ``bias``, ``phi`` broadcast against x; ``nu`` is the running gradient
-    statistic buffer (one value per channel), updated in place by the backward."""
-    return _PowerNormApprox.apply(
-        x, weight, bias, phi, nu, tuple(reduction_dims), float(eps), float(alpha_bkw), mask
+    ``spec.stats == "power"``; ``weight``, ``bias``, ``phi`` broadcast against x; ``nu`` is
+    the running gradient statistic buffer (one value per channel), updated in place by the
+    backward."""
+    call = registry.Call(spec, x, weight, bias, eps, var=phi, mask=mask)
+    return registry.run_power(call, nu, alpha_bkw)
+
+
+# --- one training step as a custom op (torch.compile(fullgraph=True)) ----------------------
+
+
+def _is_warmup(step: torch.Tensor, warmup_iters: int) -> bool:
+    return int(step) <= warmup_iters
+
+
+def _spec(x, reduction_dims, stats, mask) -> NormSpec:
+    """PowerNorm's spec: one channel (the axis not reduced), uncentred."""
+    dims = tuple(reduction_dims)
+    feature = tuple(d for d in range(x.dim()) if d not in dims)
+    return NormSpec(dims, feature, center=False, stats=stats, masked=mask is not None)
+
+
+def _approx_call(x, weight, bias, phi, reduction_dims, eps, mask):
+    """The after-warmup call and the family the registry runs it on."""
+    spec = _spec(x, reduction_dims, "power", mask)
+    call = registry.Call(spec, x, weight, bias, eps, var=phi, mask=mask)
+    return registry.decide(call).name, call
+
+
+@torch.library.custom_op("normlab::power_norm_train", mutates_args=())
+def power_norm_train(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    phi: torch.Tensor,
+    nu: torch.Tensor,
+    step: torch.Tensor,
+    warmup_iters: int,
+    reduction_dims: list[int],
+    eps: float,
+    alpha_bkw: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, batch_phi, phi_used): PowerNorm of x at training step ``step`` (the already
+    incremented ``num_batches_tracked``). ``phi`` is the running quadratic mean before this
+    step (keepdim shape); ``batch_phi`` the batch's (keepdim, the accumulation dtype), for the
+    caller's running update; ``phi_used`` a copy of ``phi`` that the backward reads. The
+    backward must not read ``phi`` itself: the caller updates that buffer in place after
+    this op, and under inductor (torch 2.13) a clone taken outside the op was read after
+    that update in the compiled backward (recomputed from the buffer, it seems), which gave
+    other gradients than eager."""
+    dims = tuple(reduction_dims)
+    if _is_warmup(step, warmup_iters):
+        spec = _spec(x, dims, "batch", mask)
+        y, _, batch_phi = normalize(spec, x, weight, bias, eps, mask=mask)
+    else:
+        _, batch_phi = composite.statistics(x, dims, False, mask)
+        y = forward(*_approx_call(x, weight, bias, phi, dims, eps, mask))
+    return y, batch_phi, phi.clone()
+
+
+@power_norm_train.register_fake
+def _(x, weight, bias, phi, nu, step, warmup_iters, reduction_dims, eps, alpha_bkw, mask):
+    acc = composite.accumulation_dtype(x.dtype)
+    return torch.empty_like(x), phi.new_empty(phi.shape, dtype=acc), torch.empty_like(phi)
+
+
+@torch.library.custom_op("normlab::power_norm_train_backward", mutates_args=("nu",))
+def power_norm_train_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    phi: torch.Tensor,
+    nu: torch.Tensor,
+    step: torch.Tensor,
+    warmup_iters: int,
+    reduction_dims: list[int],
+    eps: float,
+    alpha_bkw: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) (an empty tensor for an absent parameter). Warmup: the exact
+    gradient of the uncentred batch norm. After warmup: the approximate backward, which
+    updates ``nu`` in place."""
+    dims = tuple(reduction_dims)
+    if _is_warmup(step, warmup_iters):
+        inputs = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        with torch.enable_grad():
+            spec = _spec(x, dims, "batch", mask)
+            y, _, _ = normalize(spec, *inputs, eps, mask=mask)
+            wanted = [t for t in inputs if t is not None]
+            grads = iter(torch.autograd.grad(y, wanted, dy))
+        dx, dweight, dbias = (next(grads) if t is not None else None for t in inputs)
+    else:
+        family, call = _approx_call(x, weight, bias, phi, dims, eps, mask)
+        dx, dweight, dbias = backward(family, call, dy, nu, alpha_bkw)
+    return dx, _or_empty(dweight, x), _or_empty(dbias, x)
+
+
+@power_norm_train_backward.register_fake
+def _(dy, x, weight, bias, phi, nu, step, warmup_iters, reduction_dims, eps, alpha_bkw, mask):
+    return torch.empty_like(x), _fake_grad(weight, x), _fake_grad(bias, x)
+
+
+def _or_empty(grad: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0) if grad is None else grad
+
+
+def _fake_grad(param: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0) if param is None else torch.empty_like(param)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, _phi, nu, step, warmup_iters, reduction_dims, eps, alpha_bkw, mask = inputs
+    _, batch_phi, phi_used = output
+    ctx.save_for_backward(x, weight, bias, phi_used, nu, step, mask)
+    ctx.config = (warmup_iters, reduction_dims, eps, alpha_bkw)
+    ctx.mark_non_differentiable(batch_phi, phi_used)
+
+
+def _backward(ctx, dy, _dbatch_phi, _dphi_used):
+    x, weight, bias, phi, nu, step, mask = ctx.saved_tensors
+    warmup_iters, reduction_dims, eps, alpha_bkw = ctx.config
+    dx, dweight, dbias = power_norm_train_backward(
+        dy.contiguous(), x, weight, bias, phi, nu, step, warmup_iters, reduction_dims, eps,
+        alpha_bkw, mask,
+    )  # fmt: skip
+    needs = ctx.needs_input_grad
+    return (
+        dx if needs[0] else None,
+        dweight if weight is not None and needs[1] else None,
+        dbias if bias is not None and needs[2] else None,
+        *(None,) * 8,
     )
+
+
+power_norm_train.register_autograd(_backward, setup_context=_setup)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels.cpu.rows import _add_blocks, _chunk_bounds, _div, _rsqrt
+from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds
 from normlab.kernels.cpu.runtime import CHUNKS, kernel, serial
 
 
@@ -55,7 +55,7 @@ def _statistics(x, seg, b, c0, per, mask, masked, count):
     else:
         for i in range(seg.shape[0]):
             total += seg[i]
-    mu = _div(total, count)
+    mu = div(total, count)
     sq = 0.0
     if masked:
         for c in range(c0, c0 + per):
@@ -66,7 +66,7 @@ def _statistics(x, seg, b, c0, per, mask, masked, count):
         for i in range(seg.shape[0]):
             d = seg[i] - mu
             sq += d * d
-    return mu, _div(sq, count)
+    return mu, div(sq, count)
 
 
 @kernel
@@ -89,7 +89,7 @@ def group_norm_forward(x, weight, bias, groups, eps, mask, y, mean, var, rstd):
         c0 = grp * per
         seg = xf[b, c0 * positions : (c0 + per) * positions]
         mu, v = _statistics(x, seg, b, c0, per, mask, masked, per * real[b])
-        rs = _rsqrt(v + eps)
+        rs = rsqrt(v + eps)
         mean[b, grp] = mu
         var[b, grp] = v
         rstd[b, grp] = rs
@@ -135,7 +135,7 @@ def _group_backward(dy, x, weight, b, c0, per, mask, masked, count, m0, rs, dx, 
                 sgd += g * d
     # One reciprocal with several uses: a lone ``a / n`` would be sunk into the loop below
     # by LLVM's reassociation (a vector division per element).
-    inv_n = _div(1.0, count)
+    inv_n = div(1.0, count)
     delta = sd * inv_n
     mu = m0 + delta
     c1 = sg * inv_n
@@ -176,7 +176,7 @@ def _group_backward_s1(dys, xs, ws, count, m0, rs, dxs, pw, pb):
         sd += d
         sg += g
         sgd += g * d
-    inv_n = _div(1.0, count)
+    inv_n = div(1.0, count)
     delta = sd * inv_n
     mu = m0 + delta
     c1 = sg * inv_n
@@ -207,7 +207,7 @@ def group_norm_backward(dy, x, weight, mean, rstd, groups, mask, dx, dweight, db
     xf = x.reshape(batch, channels * positions)
     dyf = dy.reshape(batch, channels * positions)
     dxf = dx.reshape(batch, channels * positions)
-    blocks, size = _chunk_bounds(batch)
+    blocks, size = serial_chunk_bounds(batch)
     span = -(-groups // min(groups, max(1, -(-CHUNKS // max(blocks, 1)))))  # groups per task
     parts = -(-groups // span)
     pw = np.zeros((blocks, channels))
@@ -238,5 +238,5 @@ def group_norm_backward(dy, x, weight, mean, rstd, groups, mask, dx, dweight, db
                     _group_backward(
                         dy, x, weight, b, c0, per, mask, masked, count, m0, rs, dx, pw[blk], pb[blk]
                     )
-    _add_blocks(pw, dweight)
-    _add_blocks(pb, dbias)
+    add_blocks(pw, dweight)
+    add_blocks(pb, dbias)

@@ -21,23 +21,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels.cpu.runtime import chunk_bounds, kernel, serial
-
-_chunk_bounds = serial(chunk_bounds)
-
-
-@serial
-def _div(total, count):
-    """total / count, NaN for count 0 (as 0/0 in torch, where Numba would raise)."""
-    return total / count if count != 0 else np.nan
-
-
-@serial
-def _rsqrt(v):
-    """1 / sqrt(v) with torch's rsqrt at the edges: inf at 0, NaN for NaN and negatives."""
-    if v > 0:
-        return 1.0 / np.sqrt(v)
-    return np.inf if v == 0 else np.nan
+from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds
+from normlab.kernels.cpu.runtime import kernel, serial
 
 
 @serial
@@ -70,8 +55,8 @@ def _affine(row, mu, rs, weight, bias, out):
 def _normalize_row(row, total, weight, bias, eps, center, out):
     """Normalizes ``row`` (whose sum is ``total``) into ``out``; returns (mean, rstd)."""
     n = row.shape[0]
-    mu = _div(total, n) if center else 0.0
-    rs = _rsqrt(_div(_squared_deviation(row, mu), n) + eps)
+    mu = div(total, n) if center else 0.0
+    rs = rsqrt(div(_squared_deviation(row, mu), n) + eps)
     _affine(row, mu, rs, weight, bias, out)
     return mu, rs
 
@@ -128,7 +113,7 @@ def _row_input_gradient(dyr, xr, weight, m0, rs, center, extra, has_extra, dxr):
         sgd += g * d
     # One reciprocal with several uses: a lone ``a / n`` would be sunk into the loop below
     # by LLVM's reassociation (a vector division per element).
-    inv_n = _div(1.0, n)
+    inv_n = div(1.0, n)
     delta = sd * inv_n if center else 0.0
     mu = m0 + delta
     c1 = sg * inv_n if center else 0.0
@@ -175,18 +160,6 @@ def _affine_sums(dy, x, mus, rstd, r, k, pw, pb):
                 pb[j] += e
 
 
-@serial
-def _add_blocks(partial, out):
-    """out = partial[0] + partial[1] + ... in block order (vectorized across columns)."""
-    acc = np.zeros(partial.shape[1])
-    for blk in range(partial.shape[0]):
-        p = partial[blk]
-        for j in range(acc.shape[0]):
-            acc[j] += p[j]
-    for j in range(acc.shape[0]):
-        out[j] = acc[j]
-
-
 @kernel
 def row_norm_backward(dy, x, weight, mean, rstd, center, extra, dx, dweight, dbias):
     """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) [+ extra] per row, g = dy * weight,
@@ -194,7 +167,7 @@ def row_norm_backward(dy, x, weight, mean, rstd, center, extra, dx, dweight, dbi
     to dx, shape (0, N) means none. dweight = sum_rows dy * xhat, dbias = sum_rows dy
     (written), summed deterministically over fixed blocks of rows."""
     rows, n = x.shape
-    blocks, size = _chunk_bounds(rows)
+    blocks, size = serial_chunk_bounds(rows)
     has_extra = extra.shape[0] != 0
     # Per block, pw = partial[:n] and pb = partial[n + pad:], half a page apart (no 4K
     # aliasing between their loads and stores).
@@ -215,5 +188,5 @@ def row_norm_backward(dy, x, weight, mean, rstd, center, extra, dx, dweight, dbi
                     dy[r + q], x[r + q], weight, m0, rs, center, er, has_extra, dx[r + q]
                 )
             _affine_sums(dy, x, mus, rstd, r, k, pw, pb)
-    _add_blocks(partial[:, :n], dweight)
-    _add_blocks(partial[:, n + pad :], dbias)
+    add_blocks(partial[:, :n], dweight)
+    add_blocks(partial[:, n + pad :], dbias)

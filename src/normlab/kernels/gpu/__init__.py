@@ -4,8 +4,8 @@ Importing this package does not import Triton (it is the optional extra ``normla
 only a kernel module does, when an op first runs it. A family module holds ``@triton.jit``
 kernels and their launchers: plain functions that take torch tensors (contiguous, float32,
 float16 or bfloat16; statistics float32) and return new ones. They know nothing of
-``nn.Module`` or autograd: ``normlab.ops`` registers them as the CUDA implementations of its
-custom ops (``fused_common.fused_op(..., cuda_impl=...)``).
+``nn.Module`` or autograd: ``normlab.ops.kernel_ops`` registers them as the CUDA
+implementations of its custom ops (its ``TRITON`` table).
 
 With ``TRITON_INTERPRET=1`` in the environment *before Triton is first imported*, Triton's
 interpreter runs the same kernels on CPU tensors (slowly): that is how they are tested

@@ -1,7 +1,7 @@
 """BatchNorm in Triton: per-channel statistics over every other axis, the affine apply, the
 backward. The launchers ``batch_norm_train``, ``batch_norm_given`` and
-``batch_norm_backward`` have the signatures and outputs of ``normlab.ops.fused_channels``'s
-CPU implementations.
+``batch_norm_backward`` have the signatures and outputs of the Numba launchers of
+``normlab.kernels.cpu.launchers``.
 
 x is viewed as (A, C, B) as in ``kernels/cpu/channels.py``: C channels, A the product of the
 axes before the channel axis, B of those after it (NCHW: (N, C, H*W); channels last:

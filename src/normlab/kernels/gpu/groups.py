@@ -1,6 +1,6 @@
 """GroupNorm / InstanceNorm (InstanceNorm = one channel per group) in Triton; the launchers
 ``group_norm_forward`` and ``group_norm_backward`` have the signatures and outputs of
-``normlab.ops.fused_groups``'s CPU implementations.
+the Numba launchers of ``normlab.kernels.cpu.launchers``.
 
 x is a contiguous (N, C, S) view, G groups of C // G channels; the mask, when given, is
 uint8 (N, S), 1 = real position (the same for every channel). One program per (sample,

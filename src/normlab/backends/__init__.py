@@ -2,7 +2,7 @@
 
 - ``"numba"``: the fused CPU kernels (``normlab.kernels.cpu``), registered as torch custom
   ops. They take contiguous float32/float64 CPU tensors in the layouts they were written
-  for (see ``normlab.ops.dispatch``).
+  for (``normlab.spec.layout``).
 - ``"triton"``: the fused GPU kernels (``normlab.kernels.gpu``, the optional extra
   ``normlab[gpu]``), behind the same custom ops. They take contiguous float32, float16 and
   bfloat16 CUDA tensors in the same layouts (float64 runs the composite: the kernels
@@ -21,6 +21,9 @@ processes it spawns). Forcing ``"numba"`` or ``"triton"`` on an input it cannot 
 a ValueError saying why, instead of silently running something else. ``last_used()`` tells
 which backend ran the most recent normalization (in eager mode; inside ``torch.compile`` the
 choice is made at trace time).
+
+How a call is routed is ``normlab.backends.registry``: each family declares what it takes,
+the registry decides once per call and ``record``s the family it chose.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ def last_used() -> str | None:
     return _last["backend"]
 
 
-def _record(name: str) -> None:
+def record(name: str) -> None:
+    """Record ``name`` as the backend of the latest normalization (the registry calls this
+    once per call)."""
     _last["backend"] = name
 
 

@@ -1,0 +1,277 @@
+"""The backend registry: which family runs a normalization, decided once per call.
+
+A call (``Call``: a ``normlab.spec.NormSpec``, the input and its tensors) reaches ``run``,
+``run_add`` or ``run_power`` from ``normlab.ops``. ``decide`` picks the family, records it
+(``normlab.backends.record``; ``last_used()`` reports it) and nothing below decides again:
+
+- the backend requested (``normlab.backends.get_backend()``) names a family, or "auto":
+  Triton for CUDA tensors, Numba for the others;
+- that family's ``takes(call)`` returns None or the reason it cannot take the call (device,
+  dtype, contiguity, and the kernel layout of ``normlab.spec.layout``, which it stores on
+  the call); "auto" also leaves inputs under ``AUTO_MIN_ELEMENTS`` to the composite;
+- a refused forced family raises a ValueError with the reason; "auto" falls back to the
+  composite, which takes every call (and the calls with a statistics hook, SyncBatchNorm's,
+  whatever the backend).
+
+Each ``Family`` declares ``takes`` and how it runs each kind of call: ``forward`` (the
+normalization), ``add`` (the fused residual add) and ``power`` (PowerNorm after warmup).
+Their backward and fake (meta) implementations are attached where they run: the
+composite's in ``normlab.ops.composite_op`` (an autograd.Function; plain torch operations
+need no fake), the kernels' in the custom ops of ``normlab.ops.kernel_ops``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from normlab import backends, spec
+from normlab.kernels import composite
+from normlab.kernels.gpu import interpreting
+from normlab.ops import composite_op, kernel_ops
+
+KERNEL_DTYPES = {
+    "numba": (torch.float32, torch.float64),
+    # float64 is left to the composite: the Triton kernels accumulate in float32.
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+# Layouts whose custom ops have a Triton implementation (``kernel_ops.TRITON``).
+TRITON_LAYOUTS = frozenset({"rows", "groups", "channels"})
+
+ADD_REASON = "the fused add needs the normalized axes trailing and a contiguous residual"
+
+
+class Call:
+    """One normalization call as the registry sees it. ``mean``/``var`` are the given
+    statistics (keepdim; PowerNorm: ``var`` is the running quadratic mean), ``residual``
+    the fused add's, ``sync`` a statistics hook (SyncBatchNorm's: the composite only).
+    ``layout`` is set by a kernel family's ``takes``."""
+
+    __slots__ = (
+        "bias", "eps", "layout", "mask", "mean", "residual", "spec", "sync", "var", "weight", "x"
+    )  # fmt: skip
+
+    def __init__(
+        self, spec, x, weight, bias, eps, mean=None, var=None, mask=None, residual=None, sync=None
+    ):
+        self.spec, self.x, self.weight, self.bias, self.eps = spec, x, weight, bias, eps
+        self.mean, self.var, self.mask, self.residual = mean, var, mask, residual
+        self.sync = sync
+        self.layout = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """A backend family: what it takes and how it runs each kind of call."""
+
+    name: str
+    takes: Callable[[Call], str | None]
+    forward: Callable  # (call) -> (y, mean, var)
+    add: Callable  # (call) -> (y, x + residual)
+    power: Callable  # (call, nu, alpha_bkw) -> y
+
+
+# --- what a kernel family takes ------------------------------------------------------------
+
+
+def _device_reason(x, family: str) -> str | None:
+    """Why ``family`` cannot take x's device or dtype, or None."""
+    if family == "numba":
+        if not backends.numba_available():
+            return "numba is not installed"
+        if x.device.type != "cpu":
+            return f"input on {x.device.type}, the Numba kernels run on the CPU"
+    else:
+        if not backends.triton_available():
+            return "triton is not installed (pip install normlab[gpu])"
+        if x.device.type == "cpu" and not interpreting():
+            return "input on cpu, the Triton kernels run on CUDA (or with TRITON_INTERPRET=1)"
+        if x.device.type not in ("cpu", "cuda"):
+            return f"input on {x.device.type}, the Triton kernels run on CUDA"
+    if x.dtype not in KERNEL_DTYPES[family]:
+        names = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES[family])
+        return f"input dtype {x.dtype}, the {family} kernels take {names}"
+    return None
+
+
+def _param_ok(x, t) -> bool:
+    return t is None or (t.dim() == x.dim() and t.dtype == x.dtype and t.device == x.device)
+
+
+def _kernel_takes(family: str):
+    def takes(call: Call) -> str | None:
+        x = call.x
+        reason = _device_reason(x, family)
+        if reason is not None:
+            return reason
+        if not x.is_contiguous():
+            return "input is not contiguous"
+        if x.numel() == 0:
+            return "empty input"
+        for t in (call.weight, call.bias, call.mean, call.var):
+            if not _param_ok(x, t):
+                return "parameters or statistics of another dtype, device or rank than the input"
+        mask = call.mask
+        if mask is not None and (mask.dim() != x.dim() or mask.device != x.device):
+            return "mask of another rank or device than the input"
+        affine = call.weight is not None or call.bias is not None
+        found = spec.layout(call.spec, x.shape, affine)
+        if isinstance(found, str):
+            return found
+        if call.residual is not None and (
+            found.kind != "rows" or not call.residual.is_contiguous()
+        ):
+            return ADD_REASON
+        if call.spec.stats == "power" and found.kind != "channels":
+            return "PowerNorm's kernels are channel kernels"
+        if family == "triton" and found.kind not in TRITON_LAYOUTS:
+            return f"no Triton kernel for the {found.kind} layout"
+        call.layout = found
+        return None
+
+    return takes
+
+
+def _composite_takes(call: Call) -> None:
+    return None
+
+
+# --- how the kernel families run a call -----------------------------------------------------
+
+
+def _flat(t):
+    return None if t is None else t.reshape(-1)
+
+
+def _kernel_forward(family: str):
+    def forward(call: Call):
+        x, layout, eps = call.x, call.layout, float(call.eps)
+        acc = composite.accumulation_dtype(x.dtype)
+        keep = call.spec.keep_shape(x.shape)
+        view = x.reshape(layout.view)
+        w, b = _flat(call.weight), _flat(call.bias)
+        if layout.kind == "rows":
+            y, mean, rstd = kernel_ops.row_norm(view, w, b, eps, call.spec.center, family)
+            var = rstd.pow(-2) - eps  # for the record only: no caller of rows uses it
+        elif layout.kind == "groups":
+            m = layout.kernel_mask(x, call.mask)
+            y, mean, var, _ = kernel_ops.group_norm(view, w, b, layout.groups, eps, m, family)
+        elif call.spec.stats == "given":
+            mean, var = call.mean, call.var
+            y, _, _ = kernel_ops.batch_norm_given(view, w, b, _flat(mean), _flat(var), eps, family)
+            return y.reshape(x.shape), mean.to(acc), var.to(acc)
+        else:
+            m = layout.kernel_mask(x, call.mask)
+            y, mean, var, _, _ = kernel_ops.batch_norm_train(view, w, b, eps, m, family)
+        return y.reshape(x.shape), mean.reshape(keep).to(acc), var.reshape(keep).to(acc)
+
+    return forward
+
+
+def _kernel_add(family: str):
+    def add(call: Call):
+        x, view = call.x, call.layout.view
+        y, total, _, _ = kernel_ops.add_row_norm(
+            x.reshape(view),
+            call.residual.reshape(view),
+            _flat(call.weight),
+            _flat(call.bias),
+            float(call.eps),
+            call.spec.center,
+            family,
+        )
+        return y.reshape(x.shape), total.reshape(x.shape)
+
+    return add
+
+
+def _composite_add(call: Call):
+    total = call.x + call.residual
+    s = spec.NormSpec(call.spec.reduction, call.spec.feature, call.spec.center)
+    y, _, _ = run(Call(s, total, call.weight, call.bias, call.eps))
+    return y, total
+
+
+def _power(family: str):
+    def power(call: Call, nu, alpha_bkw):
+        from normlab.ops import power_norm
+
+        return power_norm.apply(family, call, nu, alpha_bkw)
+
+    return power
+
+
+COMPOSITE = Family(
+    "composite", _composite_takes, composite_op.forward, _composite_add, _power("composite")
+)
+NUMBA = Family(
+    "numba", _kernel_takes("numba"), _kernel_forward("numba"), _kernel_add("numba"), _power("numba")
+)
+TRITON = Family(
+    "triton",
+    _kernel_takes("triton"),
+    _kernel_forward("triton"),
+    _kernel_add("triton"),
+    _power("triton"),
+)
+FAMILIES = {family.name: family for family in (COMPOSITE, NUMBA, TRITON)}
+
+
+# --- the decision ------------------------------------------------------------------------
+
+
+def _refusal(wanted: str, call: Call, reason: str) -> ValueError:
+    if reason == ADD_REASON:
+        return ValueError(
+            f"backend {wanted!r} cannot run this fused add: it needs the normalized axes "
+            "trailing and a contiguous residual"
+        )
+    x = call.x
+    return ValueError(
+        f"backend {wanted!r} cannot run this normalization (input {list(x.shape)} "
+        f"{x.dtype} on {x.device}, reduction axes {call.spec.reduction}): {reason}. "
+        "Use normlab.backends.use('auto') to fall back to the composite backend."
+    )
+
+
+def decide(call: Call) -> Family:
+    """The family that runs ``call`` (see the module docstring); records it."""
+    wanted = backends.get_backend()
+    family = COMPOSITE
+    # A statistics hook (SyncBatchNorm) runs on the composite whatever the backend: the
+    # kernels compute their statistics locally.
+    if wanted != "composite" and call.sync is None:
+        if wanted == "auto":
+            candidate = TRITON if call.x.device.type == "cuda" else NUMBA
+        else:
+            candidate = FAMILIES[wanted]
+        if wanted == "auto" and candidate is NUMBA and call.x.numel() < backends.AUTO_MIN_ELEMENTS:
+            reason = f"fewer than {backends.AUTO_MIN_ELEMENTS} elements"
+        else:
+            reason = candidate.takes(call)
+        if reason is None:
+            family = candidate
+        elif wanted != "auto":
+            raise _refusal(wanted, call, reason)
+    backends.record(family.name)
+    return family
+
+
+def run(call: Call):
+    """(y, mean, var) of the normalization ``call``, statistics in the accumulation dtype
+    and without gradient."""
+    return decide(call).forward(call)
+
+
+def run_add(call: Call):
+    """(normalized x + residual, x + residual)."""
+    return decide(call).add(call)
+
+
+def run_power(call: Call, nu, alpha_bkw):
+    """PowerNorm after warmup (``spec.stats == "power"``): y, with the approximate backward
+    that updates ``nu`` in place."""
+    return decide(call).power(call, nu, alpha_bkw)

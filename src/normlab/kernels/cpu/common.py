@@ -1,0 +1,35 @@
+"""Serial helpers shared by the Numba kernels of several families (inlined into them)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from normlab.kernels.cpu.runtime import chunk_bounds, serial
+
+serial_chunk_bounds = serial(chunk_bounds)
+
+
+@serial
+def div(total, count):
+    """total / count, NaN for count 0 (as 0/0 in torch, where Numba would raise)."""
+    return total / count if count != 0 else np.nan
+
+
+@serial
+def rsqrt(v):
+    """1 / sqrt(v) with torch's rsqrt at the edges: inf at 0, NaN for NaN and negatives."""
+    if v > 0:
+        return 1.0 / np.sqrt(v)
+    return np.inf if v == 0 else np.nan
+
+
+@serial
+def add_blocks(partial, out):
+    """out = partial[0] + partial[1] + ... in block order (vectorized across columns)."""
+    acc = np.zeros(partial.shape[1])
+    for blk in range(partial.shape[0]):
+        p = partial[blk]
+        for j in range(acc.shape[0]):
+            acc[j] += p[j]
+    for j in range(acc.shape[0]):
+        out[j] = acc[j]
