@@ -337,12 +337,12 @@ def test_power_norm_after_warmup_kernel_equals_composite(shape, dim, masked, dty
 # --- dispatch ---------------------------------------------------------------------------------
 
 
-def test_non_contiguous_input_falls_back_to_composite_and_agrees():
+def test_non_contiguous_input_runs_torchs_op_and_agrees():
     x = torch.randn(8, 2 * 769)[:, ::2]
     assert not x.is_contiguous()
     with backends.use("auto"):
         y = NF.layer_norm(x, (769,))
-        assert backends.last_used() == "composite"
+        assert backends.last_used() == "torch"
     with backends.use("numba"):
         y_contiguous = NF.layer_norm(x.contiguous(), (769,))
         assert backends.last_used() == "numba"
@@ -381,10 +381,12 @@ def test_auto_takes_numba_for_the_layouts_it_was_written_for():
     assert backends.last_used() == "composite"
 
 
-def test_auto_leaves_small_inputs_to_the_composite(monkeypatch):
+def test_auto_leaves_small_inputs_to_torchs_op_or_the_composite(monkeypatch):
     monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 1 << 15)
     with backends.use("auto"):
         NF.layer_norm(torch.randn(4, 8), (8,))
+        assert backends.last_used() == "torch"
+        NF.group_norm(torch.randn(4, 8, 3), 2)
         assert backends.last_used() == "composite"
         NF.layer_norm(torch.randn(64, 512), (512,))
         assert backends.last_used() == "numba"

@@ -77,15 +77,15 @@ def routing_table(device: str = "cpu") -> dict[str, str]:
     return table
 
 
-# The CPU routing under "auto" (C: composite, N: numba), per call, for
+# The CPU routing under "auto" (C: composite, N: numba, T: torch's own ops), per call, for
 # f32 f64 bf16 at the small size, then f32 f64 bf16 at the large size.
 CPU_ROUTES = {
-    "layer_norm": "C C C N N C",
-    "layer_norm-no-affine": "C C C N N C",
-    "layer_norm-dim1": "C C C C C C",  # channels-first LayerNorm: no kernel layout
-    "layer_norm-non-contiguous": "C C C C C C",
-    "rms_norm": "C C C N N C",
-    "add_layer_norm": "C C C N N C",
+    "layer_norm": "T T T N N T",
+    "layer_norm-no-affine": "T T T N N T",
+    "layer_norm-dim1": "T T T T T T",  # channels-first LayerNorm: torch's op on a moved axis
+    "layer_norm-non-contiguous": "T T T T T T",
+    "rms_norm": "T T T N N T",
+    "add_layer_norm": "T T T N N T",
     "group_norm": "C C C N N C",
     "group_norm-masked": "C C C N N C",
     "instance_norm": "C C C N N C",
@@ -95,10 +95,10 @@ CPU_ROUTES = {
     "batch_norm-channels-last": "C C C N N C",
     "batch_norm-masked": "C C C N N C",
     "batch_norm-ghost": "C C C C C C",  # two kept axes (virtual batch, channel)
-    "batch_norm-eval": "C C C N N C",
-    "batch_norm-eval-float32-stats": "C C C N C C",  # statistics of another dtype
+    "batch_norm-eval": "T T T N N T",
+    "batch_norm-eval-float32-stats": "T C C N C C",  # statistics of another dtype
     "batch_renorm": "C C C N N C",
-    "power_norm-eval": "C C C N N C",
+    "power_norm-eval": "C C C N N C",  # a quadratic mean, no mean: not torch's BatchNorm
     "power_norm-warmup": "C C C C C C",  # uncentred batch statistics: no kernel
     "power_norm": "C C C N N C",
 }
@@ -106,7 +106,8 @@ KERNEL = {name for name, routes in CPU_ROUTES.items() if "N" in routes}
 
 
 def _expected_cpu() -> dict[str, str]:
-    names = {"C": "composite", "N": "numba" if backends.numba_available() else "composite"}
+    names = {"C": "composite", "T": "torch"}
+    names["N"] = "numba" if backends.numba_available() else "composite"
     table = {}
     for name, routes in CPU_ROUTES.items():
         families = iter(routes.split())
@@ -124,7 +125,8 @@ def test_routing_table_on_cpu(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_routing_table_on_cuda(monkeypatch):
     """On CUDA, "auto" runs Triton on float32/bfloat16 inputs of any size in a layout its
-    kernels take (float64 runs the composite)."""
+    kernels take; else torch's ops where they take the call (as on the CPU at the small
+    size), else the composite."""
     monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 1 << 15)  # conftest sets 0
     table = routing_table("cuda")
 
@@ -133,7 +135,10 @@ def test_routing_table_on_cuda(monkeypatch):
         kernel = name in KERNEL and dtype != "f64" and backends.triton_available()
         if name == "batch_norm-eval-float32-stats":  # statistics of another dtype but f32
             kernel = kernel and dtype == "f32"
-        return "triton" if kernel else "composite"
+        if kernel:
+            return "triton"
+        small_routes = CPU_ROUTES[name].split()[: len(DTYPES)]
+        return "torch" if small_routes[list(DTYPES).index(dtype)] == "T" else "composite"
 
     expected = {key: family(key) for key in table}
     assert table == expected

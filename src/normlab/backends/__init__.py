@@ -9,12 +9,19 @@
   accumulate in float32). On CPU tensors "triton" can be forced only when
   ``TRITON_INTERPRET=1`` was set before Triton was imported: Triton's interpreter then runs
   the kernels, slowly, which is how they are tested without a GPU.
+- ``"torch"``: torch's own fused ops (``torch.native_layer_norm``, ``torch._fused_rms_norm``,
+  ``F.batch_norm`` in eval) where they compute what normlab computes: LayerNorm/RMSNorm
+  without a mask (over trailing axes, or one axis moved last and back), BatchNorm with
+  given statistics; any device, dtype and strides (``normlab.backends.native``).
 - ``"composite"``: plain torch operations with normlab's explicit backward; any device,
   dtype and layout.
 - ``"auto"`` (default): on CUDA tensors ``"triton"`` where it applies (when installed); on
   CPU tensors ``"numba"`` where it applies and the input has at least
-  ``AUTO_MIN_ELEMENTS`` elements (below that, the fixed cost of a kernel call, about 60 us
-  more than the composite's, outweighs its speed); ``"composite"`` otherwise.
+  ``AUTO_MIN_ELEMENTS`` elements (below that, the fixed cost of a kernel call outweighs
+  its speed); else ``"torch"`` where it applies (small, half-precision, strided and
+  channels-first LayerNorm/RMSNorm, BatchNorm eval); ``"composite"`` otherwise. Under
+  ``torch.onnx.export``, ``"torch"`` or ``"composite"`` only, so that the graph holds
+  standard ONNX ops.
 
 The environment variable ``NORMLAB_BACKEND`` sets the default for a process (and the
 processes it spawns). Forcing ``"numba"`` or ``"triton"`` on an input it cannot take raises
@@ -34,7 +41,7 @@ import os
 import threading
 from collections.abc import Iterator
 
-BACKENDS = ("auto", "numba", "triton", "composite")
+BACKENDS = ("auto", "numba", "triton", "torch", "composite")
 
 AUTO_MIN_ELEMENTS = 1 << 15
 
@@ -55,7 +62,8 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide default backend: "auto", "numba", "triton" or "composite"."""
+    """Set the process-wide default backend: "auto", "numba", "triton", "torch" or
+    "composite"."""
     global _default
     _default = _check(name)
 
@@ -72,7 +80,7 @@ def use(name: str) -> Iterator[None]:
 
 
 def last_used() -> str | None:
-    """ "numba", "triton" or "composite": the backend of the most recent normalization
+    """ "numba", "triton", "torch" or "composite": the backend of the most recent normalization
     call."""
     return _last["backend"]
 

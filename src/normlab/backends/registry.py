@@ -22,12 +22,14 @@ need no fake), the kernels' in the custom ops of ``normlab.ops.kernel_ops``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from normlab import backends, spec
+from normlab.backends import native
 from normlab.kernels import composite
 from normlab.kernels.gpu import interpreting
 from normlab.ops import composite_op, kernel_ops
@@ -51,15 +53,28 @@ class Call:
     ``layout`` is set by a kernel family's ``takes``."""
 
     __slots__ = (
-        "bias", "eps", "layout", "mask", "mean", "residual", "spec", "sync", "var", "weight", "x"
+        "bias", "eps", "layout", "mask", "mean", "residual", "spec", "stats", "sync", "var",
+        "weight", "x",
     )  # fmt: skip
 
     def __init__(
-        self, spec, x, weight, bias, eps, mean=None, var=None, mask=None, residual=None, sync=None
+        self,
+        spec,
+        x,
+        weight,
+        bias,
+        eps,
+        mean=None,
+        var=None,
+        mask=None,
+        residual=None,
+        sync=None,
+        stats=True,
     ):
         self.spec, self.x, self.weight, self.bias, self.eps = spec, x, weight, bias, eps
         self.mean, self.var, self.mask, self.residual = mean, var, mask, residual
         self.sync = sync
+        self.stats = stats  # False: the caller discards the statistics (a family may skip them)
         self.layout = None
 
 
@@ -207,6 +222,7 @@ def _power(family: str):
 COMPOSITE = Family(
     "composite", _composite_takes, composite_op.forward, _composite_add, _power("composite")
 )
+TORCH = Family("torch", native.takes, native.forward, native.add, _power("composite"))
 NUMBA = Family(
     "numba", _kernel_takes("numba"), _kernel_forward("numba"), _kernel_add("numba"), _power("numba")
 )
@@ -217,7 +233,7 @@ TRITON = Family(
     _kernel_add("triton"),
     _power("triton"),
 )
-FAMILIES = {family.name: family for family in (COMPOSITE, NUMBA, TRITON)}
+FAMILIES = {family.name: family for family in (COMPOSITE, NUMBA, TRITON, TORCH)}
 
 
 # --- the decision ------------------------------------------------------------------------
@@ -237,25 +253,61 @@ def _refusal(wanted: str, call: Call, reason: str) -> ValueError:
     )
 
 
+def _exporting_onnx() -> str | None:
+    """ "dynamo" or "torchscript" while ``torch.onnx.export`` traces with that exporter, else
+    None. Reads the exporters' flags where this torch keeps them (``is_in_onnx_export``
+    imports them anew on every call, which costs as much as a small norm); never imports
+    torch.onnx itself."""
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    if flags is not None and getattr(flags, "_is_onnx_exporting", False):
+        return "dynamo"
+    script = sys.modules.get("torch.onnx._internal.torchscript_exporter._globals")
+    if script is not None and script.GLOBALS.in_onnx_export:
+        return "torchscript"
+    onnx = sys.modules.get("torch.onnx")  # another torch version: ask it
+    if flags is None and script is None and onnx is not None and onnx.is_in_onnx_export():
+        return "dynamo"
+    return None
+
+
+def _auto(call: Call) -> Family:
+    """ "auto": the fused kernel of the input's device (Triton on CUDA; Numba on the CPU
+    from ``AUTO_MIN_ELEMENTS`` elements on, below which a launch costs more than it saves)
+    where it takes the call, else torch's own op where it computes the same thing, else the
+    composite. Under ONNX export, torch's ops (they export as standard ONNX normalization
+    ops) or the composite (plain arithmetic): never a custom op ONNX does not know."""
+    exporting = _exporting_onnx()
+    if exporting is None:
+        kernel = TRITON if call.x.device.type == "cuda" else NUMBA
+        small = kernel is NUMBA and call.x.numel() < backends.AUTO_MIN_ELEMENTS
+        if not small and kernel.takes(call) is None:
+            return kernel
+    elif exporting == "torchscript":
+        # That exporter knows aten::layer_norm and batch_norm, not aten::rms_norm, and
+        # exports the composite's autograd.Function wrongly: refuse rather than mis-export.
+        reason = "RMSNorm" if not call.spec.center else TORCH.takes(call)
+        if reason is not None:
+            raise RuntimeError(
+                "normlab: the TorchScript ONNX exporter (torch.onnx.export(..., "
+                f"dynamo=False)) cannot export this normalization ({reason}); export with "
+                "torch.onnx.export(..., dynamo=True), which exports every normlab layer"
+            )
+    return TORCH if TORCH.takes(call) is None else COMPOSITE
+
+
 def decide(call: Call) -> Family:
     """The family that runs ``call`` (see the module docstring); records it."""
     wanted = backends.get_backend()
     family = COMPOSITE
     # A statistics hook (SyncBatchNorm) runs on the composite whatever the backend: the
     # kernels compute their statistics locally.
-    if wanted != "composite" and call.sync is None:
-        if wanted == "auto":
-            candidate = TRITON if call.x.device.type == "cuda" else NUMBA
-        else:
-            candidate = FAMILIES[wanted]
-        if wanted == "auto" and candidate is NUMBA and call.x.numel() < backends.AUTO_MIN_ELEMENTS:
-            reason = f"fewer than {backends.AUTO_MIN_ELEMENTS} elements"
-        else:
-            reason = candidate.takes(call)
-        if reason is None:
-            family = candidate
-        elif wanted != "auto":
+    if wanted == "auto" and call.sync is None:
+        family = _auto(call)
+    elif wanted != "composite" and call.sync is None:
+        reason = FAMILIES[wanted].takes(call)
+        if reason is not None:
             raise _refusal(wanted, call, reason)
+        family = FAMILIES[wanted]
     backends.record(family.name)
     return family
 

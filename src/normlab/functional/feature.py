@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from normlab import axes as _axes
-from normlab.checks import check_floating, check_param, check_scalar
+from normlab.checks import InputError, check_floating, check_param, check_scalar
 from normlab.ops import add_normalize, normalize
 from normlab.spec import NormSpec
 
@@ -22,7 +22,7 @@ def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, resid
     actual = tuple(x.shape[a] for a in norm_axes.reduction)
     if actual != shape:
         where = "trailing shape" if dim is None else f"shape at dim {norm_axes.reduction}"
-        raise ValueError(
+        raise InputError(
             f"{fn}: expected input with {where} {list(shape)} (normalized_shape), "
             f"got input of shape {list(x.shape)}"
         )
@@ -34,7 +34,7 @@ def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, resid
     spec = NormSpec.of(norm_axes, center=center)
     if residual is not None:
         return add_normalize(spec, x, residual, weight, bias, eps)
-    y, _, _ = normalize(spec, x, weight, bias, eps)
+    y, _, _ = normalize(spec, x, weight, bias, eps, stats=False)
     return y
 
 

@@ -24,6 +24,7 @@ def normalize(
     var: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     sync=None,
+    stats: bool = True,
 ):
     """y = weight * (x - mean) / sqrt(var + eps) + bias over ``spec.reduction``.
 
@@ -34,8 +35,9 @@ def normalize(
     element is normalized. Returns ``(y, mean, var)``, the statistics in the accumulation
     dtype and without gradient. ``normlab.backends`` chooses and reports the backend.
     ``sync``: a statistics hook (``normlab.distributed.sync_batch_norm.SyncStatistics``)
-    that computes the batch statistics over every rank's real elements."""
-    call = registry.Call(spec, x, weight, bias, eps, mean, var, mask, sync=sync)
+    that computes the batch statistics over every rank's real elements. ``stats=False``: the
+    caller discards the statistics, which may then be None."""
+    call = registry.Call(spec, x, weight, bias, eps, mean, var, mask, sync=sync, stats=stats)
     return registry.run(call)
 
 

@@ -1,0 +1,147 @@
+"""The "torch" family: torch's own normalization ops, where their semantics equal normlab's.
+
+normlab's kernels win on large contiguous tensors; torch's fused ops win where normlab has
+no kernel or where a kernel launch costs more than the work: one decode token, bfloat16 and
+float16 on the CPU, strided views, LayerNorm over a channel axis (the ConvNeXt case, which
+torch runs as permute, LayerNorm, permute back). They also export: under ``torch.onnx.export``
+they become ONNX's LayerNormalization, RMSNormalization and BatchNormalization. The family
+takes exactly the calls whose result torch computes by the same formula:
+
+- LayerNorm/RMSNorm: batch statistics over trailing axes that also carry the parameters
+  (``torch.native_layer_norm``, ``torch._fused_rms_norm``; one non-trailing reduced axis is
+  moved last and back, a view), no mask, no residual other than an added one;
+- BatchNorm with given statistics (eval): ``F.batch_norm`` with ``training=False`` on the
+  (A, C, B) view, every tensor of the input's dtype.
+
+Masked, grouped, batch-statistics BatchNorm and PowerNorm calls stay with the kernels or the
+composite. Gradients are torch's own (autograd through these ops, double backward included);
+the statistics returned (LayerNorm/RMSNorm) are torch's mean and 1/rstd^2 - eps, as the row
+kernels return them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from normlab import spec as _spec
+from normlab.kernels import composite
+
+
+def _rows_axis(call) -> int | str:
+    """-1 when the call is LayerNorm/RMSNorm over trailing axes; the axis to move last when
+    it reduces one other axis (channels-first LayerNorm); else the reason neither holds."""
+    s, nd = call.spec, call.x.dim()
+    if s.stats == "batch" and s.feature == s.reduction:
+        if s.reduction == tuple(range(nd - len(s.reduction), nd)):
+            return -1
+        if len(s.reduction) == 1:
+            return s.reduction[0]
+    return "not a LayerNorm/RMSNorm over trailing axes or over one axis"
+
+
+def takes(call) -> str | None:
+    """None if torch's ops compute ``call`` (see the module docstring), else the reason."""
+    x, s = call.x, call.spec
+    if not x.is_floating_point():
+        return f"input dtype {x.dtype}"
+    if s.masked or call.mask is not None:
+        return "masked statistics"
+    if call.sync is not None:
+        return "synchronized statistics"
+    tensors = [t for t in (call.weight, call.bias, call.mean, call.var) if t is not None]
+    if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
+        return "parameters or statistics of another dtype or device than the input"
+    if s.stats == "given":
+        if not s.center or call.mean is None or call.var is None:
+            return "given statistics without a mean (PowerNorm's quadratic mean)"
+        if call.residual is not None:
+            return "a fused add with given statistics"
+        found = _spec.layout(s, x.shape, bool(tensors))
+        if not isinstance(found, _spec.Layout) or found.kind != "channels":
+            return "given statistics outside a per-channel (BatchNorm) layout"
+        return None
+    if s.stats != "batch":
+        return "PowerNorm's running statistic"
+    axis = _rows_axis(call)
+    if isinstance(axis, str):
+        return axis
+    if call.residual is not None and axis != -1:
+        return "a fused add over a non-trailing axis"
+    return None
+
+
+def _stats_out(x, mean, rstd, eps):
+    acc = composite.accumulation_dtype(x.dtype)
+    mean = mean.detach().to(acc)
+    return mean, (rstd.detach().to(acc).pow(-2) - eps)
+
+
+def _rows(x, call):
+    """(y, mean, var) over the trailing ``len(reduction)`` axes of x (any strides)."""
+    s, eps = call.spec, float(call.eps)
+    shape = tuple(x.shape[x.dim() - len(s.reduction) :])
+    weight = None if call.weight is None else call.weight.reshape(shape)
+    bias = None if call.bias is None else call.bias.reshape(shape)
+    if s.center:
+        y, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        if not call.stats:
+            return y, None, None
+        mean, var = _stats_out(x, mean, rstd, eps)
+        return y, mean, var
+    if not call.stats:
+        return F.rms_norm(x, shape, weight, eps), None, None
+    if hasattr(torch, "_fused_rms_norm"):  # torch >= 2.8: output and rstd in one op
+        y, rstd = torch._fused_rms_norm(x, list(shape), weight, eps)
+    else:
+        y = F.rms_norm(x, shape, weight, eps)
+        dims = tuple(range(x.dim() - len(shape), x.dim()))
+        rstd = x.detach().float().pow(2).mean(dims, keepdim=True).add(eps).rsqrt()
+    _, var = _stats_out(x, rstd, rstd, eps)
+    return y, torch.zeros_like(var), var
+
+
+def forward(call):
+    """(y, mean, var) of ``call`` with torch's ops; statistics keepdim, without gradient."""
+    x = call.x
+    if call.spec.stats == "given":
+        found = _spec.layout(call.spec, x.shape, call.weight is not None or call.bias is not None)
+        a, c, b = found.view
+        flat = [None if t is None else t.reshape(c) for t in (call.weight, call.bias)]
+        y = F.batch_norm(
+            x.reshape(a, c, b),
+            call.mean.detach().reshape(c),
+            call.var.detach().reshape(c),
+            *flat,
+            False,
+            0.0,
+            float(call.eps),
+        )
+        acc = composite.accumulation_dtype(x.dtype)
+        return y.reshape(x.shape), call.mean.to(acc), call.var.to(acc)
+    axis = _rows_axis(call)
+    if axis == -1:
+        return _rows(x, call)
+    # One reduced axis that is not last: LayerNorm over it as a trailing axis, of a view.
+    y, mean, var = _rows(x.movedim(axis, -1), _Moved(call, axis))
+    if mean is None:
+        return y.movedim(-1, axis), None, None
+    return y.movedim(-1, axis), mean.movedim(-1, axis), var.movedim(-1, axis)
+
+
+class _Moved:
+    """``call`` with its one reduced axis moved last (what ``_rows`` reads of it)."""
+
+    def __init__(self, call, axis):
+        nd = call.x.dim()
+        self.spec = _spec.NormSpec((nd - 1,), (nd - 1,), call.spec.center)
+        self.eps, self.stats = call.eps, call.stats
+        self.weight = None if call.weight is None else call.weight.movedim(axis, -1)
+        self.bias = None if call.bias is None else call.bias.movedim(axis, -1)
+
+
+def add(call):
+    """(norm of x + residual, x + residual)."""
+    total = call.x + call.residual
+    y, _, _ = _rows(total, call)
+    return y, total
