@@ -13,6 +13,8 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from normlab.checks import InputError
+
 
 @dataclass(frozen=True)
 class NormAxes:
@@ -78,7 +80,7 @@ def as_shape(shape: int | Sequence[int], *, argument: str = "normalized_shape") 
     expected = "a positive int or a non-empty sequence of them"
     dims = _as_int_tuple(shape, argument=argument, expected=expected)
     if not dims or any(n < 1 for n in dims):
-        raise ValueError(f"{argument}: expected {expected}, got {shape!r}")
+        raise InputError(f"{argument}: expected {expected}, got {shape!r}")
     return dims
 
 
@@ -101,7 +103,7 @@ def feature_norm_axes(
     ones) share a mean and variance; weight and bias vary along the same axes."""
     if dim is None:
         if ndim < len(normalized_shape):
-            raise ValueError(
+            raise InputError(
                 f"input: expected at least {len(normalized_shape)} dimensions for "
                 f"normalized_shape={list(normalized_shape)}, got {ndim}"
             )

@@ -16,6 +16,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+
+class InputError(ValueError, RuntimeError):
+    """A tensor of the wrong shape or rank, or arguments that do not fit it: a ValueError,
+    and also the RuntimeError torch raises for the same input, so that either ``except``
+    clause catches it."""
+
+
 # --- tensors (at the call) -------------------------------------------------------------------
 
 
@@ -41,14 +48,14 @@ def check_param(
             f"{fn}: {argument} must be a floating-point tensor or None, got dtype {param.dtype}"
         )
     if tuple(param.shape) != tuple(shape):
-        raise ValueError(
+        raise InputError(
             f"{fn}: {argument} must have shape {tuple(shape)}, got {tuple(param.shape)}"
         )
 
 
 def check_min_ndim(x: torch.Tensor, ndim: int, *, fn: str, layout: str) -> None:
     if x.dim() < ndim:
-        raise ValueError(
+        raise InputError(
             f"{fn}: expected input of at least {ndim} dimensions {layout}, "
             f"got shape {tuple(x.shape)}"
         )
@@ -78,6 +85,13 @@ def check_scalar(value, *, fn: str, argument: str) -> None:
         if not (low <= value <= high and math.isfinite(value)):  # NaN fails both
             where = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
             raise ValueError(f"{fn}: {argument} must be a finite number {where}, got {value!r}")
+
+
+def check_training_eps(fn: str, eps) -> None:
+    """Batch statistics in training need eps > 0 (a constant channel would divide 0 by 0), as
+    torch's BatchNorm requires."""
+    if isinstance(eps, numbers.Real) and not isinstance(eps, bool) and eps <= 0:
+        raise ValueError(f"{fn}: eps must be positive during training, got {eps!r}")
 
 
 def check_scalars(fn: str, **values) -> None:
@@ -132,7 +146,7 @@ def check_groups(fn: str, input: torch.Tensor, num_groups) -> None:
         raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
     channels = input.shape[1]
     if channels % num_groups:
-        raise ValueError(
+        raise InputError(
             f"{fn}: the channel count must be divisible by num_groups, got "
             f"{channels} channels (input shape {list(input.shape)}) and "
             f"num_groups={num_groups}"

@@ -10,6 +10,7 @@ from normlab.checks import (
     check_renorm_limits,
     check_running_stats,
     check_scalars,
+    check_training_eps,
     check_virtual_batch,
 )
 from normlab.functional.statistics import as_param, prepare_batch_norm, update_running_stats
@@ -111,11 +112,14 @@ def batch_norm(
     norm_axes, mask = prepare_batch_norm(
         fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
-    check_scalars(fn, eps=eps, momentum=momentum)
+    check_scalars(fn, eps=eps)
     if not training:
         return _eval(
             fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
         )
+    check_training_eps(fn, eps)
+    if running_mean is not None:  # momentum is used only to update running statistics
+        check_scalars(fn, momentum=momentum)
     y, mean, var, count = _batch_statistics_norm(
         fn, input, norm_axes, mask, weight, bias, eps, virtual_batch_size
     )
@@ -159,13 +163,15 @@ def batch_renorm(
     norm_axes, mask = prepare_batch_norm(
         fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
-    check_scalars(fn, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max)
+    check_scalars(fn, eps=eps, r_max=r_max, d_max=d_max)
     check_running_stats(fn, running_mean, running_var, "(the correction r, d is relative to them)")
     check_renorm_limits(fn, r_max, d_max)
     if not training:
         return _eval(
             fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
         )
+    check_training_eps(fn, eps)
+    check_scalars(fn, momentum=momentum)
 
     def renorm_affine(mean, var, weight, bias):
         if input.numel() == 0:  # an empty batch has no statistics to correct (r=1, d=0)

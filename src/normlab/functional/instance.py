@@ -41,7 +41,9 @@ def instance_norm(
     fn = "instance_norm"
     check_floating(input, fn=fn)
     check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
-    check_scalars(fn, eps=eps, momentum=momentum)
+    check_scalars(fn, eps=eps)
+    if use_input_stats and running_mean is not None:  # momentum updates running statistics
+        check_scalars(fn, momentum=momentum)
     norm_axes = _axes.instance_norm_axes(input.dim())
     num_features = input.shape[1]
     check_channel_params(
