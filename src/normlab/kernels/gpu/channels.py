@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels.gpu.moments import block_moments, chan_merge, finite_or_zero, launch
+from normlab.kernels.gpu.moments import block_moments, chan_merge, finite_or_zero, given, launch
 
 # Elements of x per block (a power of two).
 TILE = 4096
@@ -87,7 +87,7 @@ def layout(shape) -> Layout:
 
 
 @triton.jit
-def _offsets(rs, cs, C, B, CHANNELS_LAST: tl.constexpr):
+def offsets(rs, cs, C, B, CHANNELS_LAST: tl.constexpr):
     """Offsets of x[a, c, b] for the tile rows rs (r = a * B + b) times channels cs."""
     if CHANNELS_LAST:
         offs = rs[:, None] * C + cs[None, :]
@@ -98,7 +98,7 @@ def _offsets(rs, cs, C, B, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _real_rows(mask_ptr, rs, in_range, MASKED: tl.constexpr):
+def real_rows(mask_ptr, rs, in_range, MASKED: tl.constexpr):
     """Which of the rows rs are real elements (in range and, with a mask, not padding)."""
     if MASKED:
         real = in_range & (tl.load(mask_ptr + rs, mask=in_range, other=0) != 0)
@@ -120,7 +120,7 @@ def _pivot(x_ptr, first_ptr, cs, c_ok, C, B, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _channel_block(pid_c, BLOCK_C: tl.constexpr, C):
+def channel_block(pid_c, BLOCK_C: tl.constexpr, C):
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     return cs, cs < C
 
@@ -148,7 +148,7 @@ def _moments_kernel(
     """(count, mean of x - pivot, M2) of one span of rows, per channel of one tile."""
     pid_c = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1).to(tl.int64)
-    cs, c_ok = _channel_block(pid_c, BLOCK_C, C)
+    cs, c_ok = channel_block(pid_c, BLOCK_C, C)
     k = _pivot(x_ptr, first_ptr, cs, c_ok, C, B, MASKED)
     r_start = pid_p * span
     r_end = tl.minimum(r_start + span, R)
@@ -157,8 +157,8 @@ def _moments_kernel(
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for r0 in range(r_start, r_end, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
-        real = _real_rows(mask_ptr, rs, rs < r_end, MASKED)[:, None] & c_ok[None, :]
-        offs = _offsets(rs, cs, C, B, CHANNELS_LAST)
+        real = real_rows(mask_ptr, rs, rs < r_end, MASKED)[:, None] & c_ok[None, :]
+        offs = offsets(rs, cs, C, B, CHANNELS_LAST)
         v = tl.load(x_ptr + offs, mask=real, other=0.0).to(tl.float32)
         nb, mb, qb = block_moments(v - k[None, :], real, 0)
         n, mean, m2 = chan_merge(n, mean, m2, nb, mb, qb)
@@ -190,7 +190,7 @@ def _moments_finalize_kernel(
 ):
     """Merges the spans in order: mean, biased var, rstd; the apply's centre (the pivot)
     and offset (the mean of x - pivot); count[0]. No real element gives NaN statistics."""
-    cs, c_ok = _channel_block(tl.program_id(0).to(tl.int64), BLOCK_C, C)
+    cs, c_ok = channel_block(tl.program_id(0).to(tl.int64), BLOCK_C, C)
     k = _pivot(x_ptr, first_ptr, cs, c_ok, C, B, MASKED)
     n = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
@@ -238,13 +238,13 @@ def _apply_kernel(
     """y = ((x - center) - offset) * rstd * weight + bias, per channel."""
     pid = tl.program_id(0).to(tl.int64)
     pid_r = pid // channel_tiles
-    cs, c_ok = _channel_block(pid - pid_r * channel_tiles, BLOCK_C, C)
+    cs, c_ok = channel_block(pid - pid_r * channel_tiles, BLOCK_C, C)
     rs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     scale = tl.load(rstd_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         scale = scale * tl.load(w_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
     ok = (rs < R)[:, None] & c_ok[None, :]
-    offs = _offsets(rs, cs, C, B, CHANNELS_LAST)
+    offs = offsets(rs, cs, C, B, CHANNELS_LAST)
     v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_CENTER:
         v = v - tl.load(center_ptr + cs, mask=c_ok, other=0.0)[None, :]
@@ -268,11 +268,11 @@ def channel_apply(x, center, offset, rstd, weight, bias) -> torch.Tensor:
         (lay.row_tiles * lay.channel_tiles,),
         x,
         y,
-        _given(center, x),
-        _given(offset, x),
+        given(center, x),
+        given(offset, x),
         rstd,
-        _given(weight, x),
-        _given(bias, x),
+        given(weight, x),
+        given(bias, x),
         lay.rows,
         lay.channels,
         lay.positions,
@@ -287,11 +287,6 @@ def channel_apply(x, center, offset, rstd, weight, bias) -> torch.Tensor:
         num_warps=WARPS,
     )
     return y
-
-
-def _given(t, dummy):
-    """An optional pointer argument: the tensor, or a placeholder the kernel never reads."""
-    return dummy if t is None else t
 
 
 def _first_real(mask, x):
@@ -318,7 +313,7 @@ def _stats(x: torch.Tensor, mask: torch.Tensor | None, eps: float):
         _moments_kernel,
         (lay.channel_tiles, parts),
         x,
-        _given(mask, x),
+        given(mask, x),
         first,
         pn,
         pmean,
@@ -419,7 +414,7 @@ def _grad_sums_kernel(
     recovered by the finalize). With given statistics also dx = rstd * weight * dy."""
     pid_c = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1).to(tl.int64)
-    cs, c_ok = _channel_block(pid_c, BLOCK_C, C)
+    cs, c_ok = channel_block(pid_c, BLOCK_C, C)
     m0 = tl.load(mean_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
     if STATS_GIVEN:
         ka = tl.load(rstd_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
@@ -434,7 +429,7 @@ def _grad_sums_kernel(
         rs = r0 + tl.arange(0, BLOCK_R)
         in_range = rs < r_end
         ok = in_range[:, None] & c_ok[None, :]
-        offs = _offsets(rs, cs, C, B, CHANNELS_LAST)
+        offs = offsets(rs, cs, C, B, CHANNELS_LAST)
         d = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         centred = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - m0[None, :]
         sdb += d
@@ -445,7 +440,7 @@ def _grad_sums_kernel(
         if STATS_GIVEN:
             tl.store(dx_ptr + offs, (ka[None, :] * d).to(dx_ptr.dtype.element_ty), mask=ok)
         else:
-            real = _real_rows(mask_ptr, rs, in_range, MASKED)[:, None] & c_ok[None, :]
+            real = real_rows(mask_ptr, rs, in_range, MASKED)[:, None] & c_ok[None, :]
             sd += tl.where(real, centred, 0.0)
     out = pid_p * C + cs
     tl.store(pdb_ptr + out, tl.sum(sdb, axis=0), mask=c_ok)
@@ -475,7 +470,7 @@ def _grad_finalize_kernel(
     """Sums the spans in order: dbias = sum dy, dweight = sum dy * xhat; with batch
     statistics the input gradient's coefficients kb = -rstd^2 sum(g xhat) / n and
     kk = -rstd sum(g) / n (g = weight * dy), and delta, the exact mean minus the stored one."""
-    cs, c_ok = _channel_block(tl.program_id(0).to(tl.int64), BLOCK_C, C)
+    cs, c_ok = channel_block(tl.program_id(0).to(tl.int64), BLOCK_C, C)
     s1 = tl.zeros([BLOCK_C], tl.float32)
     s2 = tl.zeros([BLOCK_C], tl.float32)
     sd = tl.zeros([BLOCK_C], tl.float32)
@@ -533,7 +528,7 @@ def _input_grad_kernel(
     so NaN in the padding's x stays out)."""
     pid = tl.program_id(0).to(tl.int64)
     pid_r = pid // channel_tiles
-    cs, c_ok = _channel_block(pid - pid_r * channel_tiles, BLOCK_C, C)
+    cs, c_ok = channel_block(pid - pid_r * channel_tiles, BLOCK_C, C)
     rs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     in_range = rs < R
     ok = in_range[:, None] & c_ok[None, :]
@@ -544,12 +539,12 @@ def _input_grad_kernel(
     delta = tl.load(delta_ptr + cs, mask=c_ok, other=0.0)
     kb = tl.load(kb_ptr + cs, mask=c_ok, other=0.0)
     kk = tl.load(kk_ptr + cs, mask=c_ok, other=0.0)
-    offs = _offsets(rs, cs, C, B, CHANNELS_LAST)
+    offs = offsets(rs, cs, C, B, CHANNELS_LAST)
     d = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     correction = kb[None, :] * ((v - m0[None, :]) - delta[None, :]) + kk[None, :]
     if MASKED:
-        real = _real_rows(mask_ptr, rs, in_range, MASKED)
+        real = real_rows(mask_ptr, rs, in_range, MASKED)
         correction = tl.where(real[:, None], correction, 0.0)
     dx = ka[None, :] * d + correction
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
@@ -589,8 +584,8 @@ def batch_norm_backward(
         x,
         mean,
         rstd,
-        _given(weight, x),
-        _given(mask, x),
+        given(weight, x),
+        given(mask, x),
         dx,
         pdb,
         pdw,
@@ -613,7 +608,7 @@ def batch_norm_backward(
         pdw,
         pd,
         rstd,
-        _given(weight, x),
+        given(weight, x),
         rstd if stats_given else count,  # the CPU op passes a CPU count then
         dweight,
         dbias,
@@ -635,8 +630,8 @@ def batch_norm_backward(
         x,
         mean,
         rstd,
-        _given(weight, x),
-        _given(mask, x),
+        given(weight, x),
+        given(mask, x),
         delta,
         kb,
         kk,

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels.gpu.moments import chan_merge, column_sums, finite_or_zero, launch
+from normlab.kernels.gpu.moments import chan_merge, column_sums, finite_or_zero, given, launch
 
 # Elements per tile (a power of two).
 TILE = 4096
@@ -141,11 +141,6 @@ def _group_norm_kernel(
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _given(t, dummy):
-    """An optional pointer argument: the tensor, or a placeholder the kernel never reads."""
-    return dummy if t is None else t
-
-
 def group_norm_forward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -168,9 +163,9 @@ def group_norm_forward(
         _group_norm_kernel,
         (n * groups,),
         x,
-        _given(weight, x),
-        _given(bias, x),
-        _given(mask, x),
+        given(weight, x),
+        given(bias, x),
+        given(mask, x),
         y,
         mean,
         var,
@@ -306,10 +301,10 @@ def group_norm_backward(
         (n * groups,),
         dy,
         x,
-        _given(weight, x),
+        given(weight, x),
         mean,
         rstd,
-        _given(mask, x),
+        given(mask, x),
         dx,
         pw,
         pb,

@@ -24,6 +24,11 @@ FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # a global a kernel reads: co
 COLUMN_BLOCK_ROWS = 64
 
 
+def given(t, dummy):
+    """An optional pointer argument: the tensor, or a placeholder the kernel never reads."""
+    return dummy if t is None else t
+
+
 def launch(kernel, grid, *args, **options) -> None:
     """``kernel[grid](*args, **options)`` on the CUDA device of the first argument (Triton
     launches on the current device); nothing for an empty grid (an empty input)."""

@@ -23,14 +23,13 @@ import triton.language as tl
 
 from normlab.kernels.gpu.channels import (
     WARPS,
-    _channel_block,
-    _given,
-    _offsets,
-    _real_rows,
     channel_apply,
+    channel_block,
     layout,
+    offsets,
+    real_rows,
 )
-from normlab.kernels.gpu.moments import column_sums, launch
+from normlab.kernels.gpu.moments import column_sums, given, launch
 
 SUMS = 4  # dweight, dbias, gamma, lam
 
@@ -71,7 +70,7 @@ def _power_norm_backward_kernel(
     """dx of one span of rows and channel tile; its four sums to parts[span, k, c]."""
     pid_c = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1).to(tl.int64)
-    cs, c_ok = _channel_block(pid_c, BLOCK_C, C)
+    cs, c_ok = channel_block(pid_c, BLOCK_C, C)
     r = tl.load(rstd_ptr + cs, mask=c_ok, other=0.0)[None, :]
     nu = tl.load(nu_ptr + cs, mask=c_ok, other=0.0)[None, :]
     w = tl.full([1, BLOCK_C], 1.0, tl.float32)
@@ -87,8 +86,8 @@ def _power_norm_backward_kernel(
         rs = r0 + tl.arange(0, BLOCK_R)
         in_range = rs < r_end
         ok = in_range[:, None] & c_ok[None, :]
-        real = _real_rows(mask_ptr, rs, in_range, MASKED)[:, None] & c_ok[None, :]
-        offs = _offsets(rs, cs, C, B, CHANNELS_LAST)
+        real = real_rows(mask_ptr, rs, in_range, MASKED)[:, None] & c_ok[None, :]
+        offs = offsets(rs, cs, C, B, CHANNELS_LAST)
         d = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         xh = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) * r
         g = d * w
@@ -128,9 +127,9 @@ def power_norm_backward(plan, dy, x, weight, bias, phi, nu, eps, alpha_bkw, mask
         dy.contiguous().reshape(plan.view),
         x.reshape(plan.view),
         rstd,
-        _given(None if weight is None else weight.reshape(-1), x),
+        given(None if weight is None else weight.reshape(-1), x),
         nu32,
-        _given(m, x),
+        given(m, x),
         dx.view(plan.view),
         parts,
         lay.rows,
