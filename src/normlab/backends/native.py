@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from normlab import spec as _spec
 from normlab.kernels import composite
 
+HALF = (torch.float16, torch.bfloat16)
+
 
 def _rows_axis(call) -> int | str:
     """-1 when the call is LayerNorm/RMSNorm over trailing axes; the axis to move last when
@@ -50,6 +52,12 @@ def takes(call) -> str | None:
     if call.sync is not None:
         return "synchronized statistics"
     tensors = [t for t in (call.weight, call.bias, call.mean, call.var) if t is not None]
+    if (
+        x.dtype in HALF
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (x, *tensors, call.residual) if t is not None)
+    ):
+        return "a float16/bfloat16 gradient (torch's is less exact than normlab's tolerance)"
     if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
         return "parameters or statistics of another dtype or device than the input"
     if s.stats == "given":
@@ -84,10 +92,18 @@ def _rows(x, call):
     weight = None if call.weight is None else call.weight.reshape(shape)
     bias = None if call.bias is None else call.bias.reshape(shape)
     if s.center:
+        # LayerNorm is blind to a shift of each row: normalize x - k, k the row's first
+        # element (as the kernels' pivot), so that torch's float32 statistics keep the
+        # variance of data far from zero (1e4 + 1e-3 noise). Not in an exported graph.
+        pivot = None
+        if not getattr(call, "exporting", False):
+            rows = x.detach().flatten(x.dim() - len(shape))[..., :1]
+            pivot = rows.reshape(rows.shape[:-1] + (1,) * len(shape))
+            x = x - pivot
         y, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
         if not call.stats:
             return y, None, None
-        mean, var = _stats_out(x, mean, rstd, eps)
+        mean, var = _stats_out(x, mean if pivot is None else mean + pivot, rstd, eps)
         return y, mean, var
     if not call.stats:
         return F.rms_norm(x, shape, weight, eps), None, None
@@ -135,7 +151,7 @@ class _Moved:
     def __init__(self, call, axis):
         nd = call.x.dim()
         self.spec = _spec.NormSpec((nd - 1,), (nd - 1,), call.spec.center)
-        self.eps, self.stats = call.eps, call.stats
+        self.eps, self.stats, self.exporting = call.eps, call.stats, call.exporting
         self.weight = None if call.weight is None else call.weight.movedim(axis, -1)
         self.bias = None if call.bias is None else call.bias.movedim(axis, -1)
 

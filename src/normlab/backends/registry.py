@@ -53,8 +53,8 @@ class Call:
     ``layout`` is set by a kernel family's ``takes``."""
 
     __slots__ = (
-        "bias", "eps", "layout", "mask", "mean", "residual", "spec", "stats", "sync", "var",
-        "weight", "x",
+        "bias", "eps", "exporting", "layout", "mask", "mean", "residual", "spec", "stats", "sync",
+        "var", "weight", "x",
     )  # fmt: skip
 
     def __init__(
@@ -76,6 +76,7 @@ class Call:
         self.sync = sync
         self.stats = stats  # False: the caller discards the statistics (a family may skip them)
         self.layout = None
+        self.exporting = False  # torch.onnx.export is tracing (set by "auto")
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,8 @@ def _exporting_onnx() -> str | None:
     flags = sys.modules.get("torch.onnx._internal.exporter._flags")
     if flags is not None and getattr(flags, "_is_onnx_exporting", False):
         return "dynamo"
+    if torch.compiler.is_compiling():
+        return None  # the TorchScript exporter does not trace with dynamo
     script = sys.modules.get("torch.onnx._internal.torchscript_exporter._globals")
     if script is not None and script.GLOBALS.in_onnx_export:
         return "torchscript"
@@ -277,6 +280,7 @@ def _auto(call: Call) -> Family:
     composite. Under ONNX export, torch's ops (they export as standard ONNX normalization
     ops) or the composite (plain arithmetic): never a custom op ONNX does not know."""
     exporting = _exporting_onnx()
+    call.exporting = exporting is not None
     if exporting is None:
         kernel = TRITON if call.x.device.type == "cuda" else NUMBA
         small = kernel is NUMBA and call.x.numel() < backends.AUTO_MIN_ELEMENTS
