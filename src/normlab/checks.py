@@ -68,10 +68,11 @@ def check_min_ndim(x: torch.Tensor, ndim: int, *, fn: str, layout: str) -> None:
 RANGES = {"eps": (0.0, math.inf), "momentum": (0.0, 1.0), "alpha_bkw": (0.0, 1.0)}
 
 
-def check_scalar(value, *, fn: str, argument: str) -> None:
+def check_scalar(value, *, fn: str, argument: str, ranged: bool = True) -> None:
     """A float argument (eps, momentum...): a real number or a one-element real tensor, what
     torch.nn.functional takes (a string, complex or None is not silently converted), within
-    its ``RANGES`` entry, not NaN."""
+    its ``RANGES`` entry, not NaN (``ranged=False``: an argument this call does not use, of
+    which only the type is checked, as torch ignores its value)."""
     if isinstance(value, torch.Tensor):
         ok = value.numel() == 1 and not value.is_complex()
     else:
@@ -80,7 +81,12 @@ def check_scalar(value, *, fn: str, argument: str) -> None:
         raise TypeError(
             f"{fn}: {argument} must be a real number, got {type(value).__name__} {value!r}"
         )
-    if argument in RANGES and isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if (
+        ranged
+        and argument in RANGES
+        and isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+    ):
         low, high = RANGES[argument]
         if not (low <= value <= high and math.isfinite(value)):  # NaN fails both
             where = f">= {low}" if high == math.inf else f"in [{low}, {high}]"

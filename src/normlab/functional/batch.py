@@ -9,6 +9,7 @@ from normlab.checks import (
     check_enough_values,
     check_renorm_limits,
     check_running_stats,
+    check_scalar,
     check_scalars,
     check_training_eps,
     check_virtual_batch,
@@ -113,13 +114,14 @@ def batch_norm(
         fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
     check_scalars(fn, eps=eps)
+    # momentum's range matters only where it updates running statistics (torch ignores it)
+    updates = training and running_mean is not None
+    check_scalar(momentum, fn=fn, argument="momentum", ranged=updates)
     if not training:
         return _eval(
             fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
         )
     check_training_eps(fn, eps)
-    if running_mean is not None:  # momentum is used only to update running statistics
-        check_scalars(fn, momentum=momentum)
     y, mean, var, count = _batch_statistics_norm(
         fn, input, norm_axes, mask, weight, bias, eps, virtual_batch_size
     )
@@ -164,6 +166,7 @@ def batch_renorm(
         fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
     check_scalars(fn, eps=eps, r_max=r_max, d_max=d_max)
+    check_scalar(momentum, fn=fn, argument="momentum", ranged=training)
     check_running_stats(fn, running_mean, running_var, "(the correction r, d is relative to them)")
     check_renorm_limits(fn, r_max, d_max)
     if not training:
@@ -171,7 +174,6 @@ def batch_renorm(
             fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
         )
     check_training_eps(fn, eps)
-    check_scalars(fn, momentum=momentum)
 
     def renorm_affine(mean, var, weight, bias):
         if input.numel() == 0:  # an empty batch has no statistics to correct (r=1, d=0)

@@ -11,6 +11,7 @@ from normlab.checks import (
     check_floating,
     check_min_ndim,
     check_running_stats,
+    check_scalar,
     check_scalars,
 )
 from normlab.functional.statistics import as_param, update_running_stats
@@ -42,8 +43,8 @@ def instance_norm(
     check_floating(input, fn=fn)
     check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
     check_scalars(fn, eps=eps)
-    if use_input_stats and running_mean is not None:  # momentum updates running statistics
-        check_scalars(fn, momentum=momentum)
+    updates = use_input_stats and running_mean is not None  # momentum's range matters
+    check_scalar(momentum, fn=fn, argument="momentum", ranged=updates)
     norm_axes = _axes.instance_norm_axes(input.dim())
     num_features = input.shape[1]
     check_channel_params(
