@@ -246,19 +246,15 @@ def train_next_token(
     steps: int,
     lr: float,
     eval_every: int,
-    cosine: bool = False,
 ) -> Curves:
     """Adam on the masked next-token loss; held-out evaluation every ``eval_every`` steps and
-    at the end. ``cosine``: the learning rate decays as lr * (1 + cos(pi * t / steps)) / 2
-    from ``lr`` at the first step towards 0 at the last (else it stays ``lr``). A non-finite
-    training loss is recorded as None and training goes on."""
+    at the end. The learning rate stays ``lr``: the regime check reads the held-out curve,
+    and a decaying rate would flatten it whether or not the model had converged. A
+    non-finite training loss is recorded as None and training goes on."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     curves = Curves()
     model.train()
     for step in range(1, steps + 1):
-        if cosine:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * (1 + math.cos(math.pi * (step - 1) / steps)) / 2
         tokens, lengths = draw_batch()
         loss, _, _ = next_token_loss(model(tokens, lengths), tokens, lengths)
         optimizer.zero_grad(set_to_none=True)

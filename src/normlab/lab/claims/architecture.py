@@ -44,7 +44,7 @@ DIGITS_BATCH = 64
 DEPTHS = (1, 2, 4, 8)
 PLACEMENTS = {"pre": "Pre-LN", "post": "Post-LN"}
 BN_FAMILY = ("batch", "batch-masked", "power-masked")
-FULL_STEPS = 3000  # the full profile's training length, chosen to reach the regime check
+FULL_STEPS = 5000  # the full profile's training length, chosen to reach the regime check
 
 
 class StatisticsProbe:
@@ -323,7 +323,8 @@ def run(ctx: RunContext) -> Findings:
             f"{FFN}, learned positions, Xavier-uniform weights and zero biases; Pre-LN (with a "
             f"final norm) and Post-LN; the norm is LayerNorm, BatchNorm(dim=-1) over all "
             f"positions (padding included), masked BatchNorm or masked PowerNorm (warmup "
-            f"{power_warmup} steps), given lengths=. Training: Adam lr {LR}, gradient clipping "
+            f"{power_warmup} steps), given lengths=. Training: Adam lr {LR} (constant), gradient "
+            f"clipping "
             f"1, {steps} steps of {BATCH} random lines padded to the longest, next-character "
             f"loss on real tokens; held-out loss in eval mode on {len(held_out_lines)} lines "
             f"of held-out files; the same initialization stream and batches for every norm "

@@ -29,6 +29,7 @@ WIDTH = 64
 GAIN = math.sqrt(2.0)  # He: scale 1 keeps a plain ReLU net's activations at one scale
 GRADIENT_BATCH = 128
 TRAIN_DEPTH, BATCH_SIZE, LR = 10, 32, 0.02
+FULL_EPOCHS = 80  # the full profile's training length, chosen to reach the regime check
 EVALUATIONS = 20  # held-out loss evaluations per training run (the regime check's curve)
 ORDERS_BETTER = 1.0  # "mitigates": at least 10x less drift than without normalization
 ORDERS_TAME = 1.0  # "tame": the first layer's gradient moves less than 10x from shallow to deep
@@ -238,7 +239,7 @@ def run(ctx: RunContext) -> Findings:
         smoke=[5, 20], quick=[5, 10, 20, 40, 80], full=[5, 10, 20, 40, 80, 160]
     )
     scales = [0.5, 1.0, 2.0]
-    epochs = ctx.profile.pick(smoke=1, quick=10, full=20)
+    epochs = ctx.profile.pick(smoke=1, quick=10, full=FULL_EPOCHS)
     grads = _init_gradients(ctx, depths, scales)
     shallow, deep = str(depths[0]), str(depths[-1])
     drift_by_scale = {
@@ -321,7 +322,8 @@ def run(ctx: RunContext) -> Findings:
             f"N(0, (scale*sqrt(2))^2/64) with scale {scales} (1 = He), one batch of "
             f"{GRADIENT_BATCH} training digits, cross-entropy, float64; recorded: the weight-"
             f"gradient norms of the first and last hidden layers. Training: depth "
-            f"{TRAIN_DEPTH}, He init, SGD lr {LR} momentum 0.9, batch {BATCH_SIZE}, {epochs} "
+            f"{TRAIN_DEPTH}, He init, SGD lr {LR} "
+            f"(constant) momentum 0.9, batch {BATCH_SIZE}, {epochs} "
             f"epochs over {digits.TRAIN_SIZE} training digits, errors in eval mode on "
             f"{digits.TEST_SIZE} test digits (fixed split). lr {LR} is the largest of "
             f"0.02/0.05/0.1 at which the unnormalized net trained in an exploratory run. "
