@@ -32,7 +32,12 @@ def main(profile_name: str, only: list[str] | None, out: str, seed: int) -> int:
     )
     load_start = os.getloadavg()
     start = time.perf_counter()
-    results = run_claims(claims, profile, seed)
+
+    def write_so_far(done):  # an interrupted long run keeps the claims it finished
+        if len(done) < len(claims):
+            write_report(done, profile, seed, time.perf_counter() - start, Path(out), command)
+
+    results = run_claims(claims, profile, seed, write_so_far)
     seconds = time.perf_counter() - start
     document = write_report(
         results, profile, seed, seconds, Path(out), command, (load_start, os.getloadavg())

@@ -195,14 +195,20 @@ class ClaimResult:
     seconds: float
 
 
-def run_claims(claims: list[Claim], profile: Profile, seed: int) -> list[ClaimResult]:
+def run_claims(
+    claims: list[Claim],
+    profile: Profile,
+    seed: int,
+    finished: Callable[[list[ClaimResult]], None] = lambda results: None,
+) -> list[ClaimResult]:
     """Run each claim's experiments under a progress bar; returns their results.
 
     The lab's models are tiny: one thread is as fast as several on an idle machine, far
     faster on a loaded one (no thread oversubscription), and the numbers do not depend on
     the core count; independent runs go to ``profile.workers`` processes, one thread each.
-    A second bar shows the runs of the current stage with their ETA. The caller's thread
-    setting is restored afterwards."""
+    A second bar shows the runs of the current stage with their ETA. ``finished`` is called
+    with the results so far after each claim. The caller's thread setting is restored
+    afterwards."""
     from tqdm.auto import tqdm
 
     threads = torch.get_num_threads()
@@ -238,6 +244,7 @@ def run_claims(claims: list[Claim], profile: Profile, seed: int) -> list[ClaimRe
                 seconds = time.perf_counter() - start
                 verdict = claim.verdict(findings.numbers)
                 results.append(ClaimResult(claim, findings, verdict, ctx.figures, seconds))
+                finished(results)
         return results
     finally:
         if pool is not None:

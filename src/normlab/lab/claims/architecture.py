@@ -44,7 +44,7 @@ DIGITS_BATCH = 64
 DEPTHS = (1, 2, 4, 8)
 PLACEMENTS = {"pre": "Pre-LN", "post": "Post-LN"}
 BN_FAMILY = ("batch", "batch-masked", "power-masked")
-FULL_STEPS = 5000  # the full profile's training length, chosen to reach the regime check
+FULL_STEPS = 3000  # the full profile's training length, chosen to reach the regime check
 
 
 class StatisticsProbe:

@@ -36,7 +36,7 @@ LR = 1e-2
 EXACT = 1e-12  # "exactly 0" for float64 outputs computed in different batch layouts
 MASKED_EXACT = 1e-9  # masked statistics equal the real-token ones up to float64 rounding
 PADDING_NOISE = 0.05  # a relative statistic error at 50% padding that is not negligible
-FULL_STEPS = 3000  # the full profile's training length, chosen to reach the regime check
+FULL_STEPS = 2000  # the full profile's training length, chosen to reach the regime check
 
 
 def _batch_length_for(lengths: list[int], target: float) -> int:
