@@ -326,13 +326,14 @@ def _training_figure(ctx: RunContext, numbers: dict) -> None:
 
     training = numbers["training"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    window = max(1, training["steps"] // 20)
     for kind in NORM_KINDS:
         runs = [s[kind] for s in training["seeds"].values()]
         losses = np.array([[np.nan if v is None else v for v in r["train_loss"]] for r in runs])
+        every = runs[0].get("train_loss_every", 1)  # block means of this many steps
+        window = max(1, losses.shape[1] // 20)
         kernel = np.ones(window) / window
         smooth = np.array([np.convolve(row, kernel, mode="valid") for row in losses])
-        steps = np.arange(window, training["steps"] + 1)
+        steps = np.arange(window, losses.shape[1] + 1) * every
         centre = np.nanmean(smooth, 0)
         left.plot(steps, centre, color=NORM_COLOURS[kind], label=NORM_LABELS[kind])
         left.fill_between(
@@ -349,7 +350,7 @@ def _training_figure(ctx: RunContext, numbers: dict) -> None:
                 label=NORM_LABELS[kind] if r is runs[0] else None,
             )
     left.set_xlabel("step")
-    left.set_ylabel(f"training loss (moving average of {window}; band: seeds' range)")
+    left.set_ylabel("training loss (moving average, 1/20 of the run; band: seeds' range)")
     left.set_title("Next-character model: training loss", fontsize=10)
     left.legend(fontsize=8)
     right.set_xlabel("step")
