@@ -128,12 +128,22 @@ def _unconverged(record: dict) -> dict:
 
 @pytest.mark.parametrize("key", TRAINING_CLAIMS)
 def test_an_unconverged_run_makes_each_training_claim_inconclusive(committed, key):
+    """On the committed numbers with a synthetic regime: every run converged, the rule
+    decides; one run whose loss still falls, the claim is inconclusive."""
     claim = next(c for c in load_claims([key]))
     numbers = copy.deepcopy(next(c for c in committed["claims"] if c["key"] == key)["numbers"])
+    converged = {"converged": True, "relative_improvement": 0.0, "steps": 2000}
+    runs = {name: dict(converged) for name in numbers["regime"]["runs"]}
+    numbers["regime"] = rules.regime(runs, numbers["regime"]["criterion"])
+    decided = claim.verdict(numbers)
+    assert not decided.reason.startswith("Not decided")
+    assert f"All {len(runs)} runs that enter the verdict converged" in decided.reason
     numbers["regime"] = _unconverged(numbers["regime"])
     verdict = claim.verdict(numbers)
     assert verdict.label == "inconclusive"
+    assert verdict.reason.startswith("Not decided")
     assert "had not converged" in verdict.reason
+    assert f"would read '{decided.label}'" in verdict.reason
 
 
 @pytest.mark.parametrize("key", TRAINING_CLAIMS)

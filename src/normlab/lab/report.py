@@ -97,7 +97,8 @@ def write_report(
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     document = results_document(results, profile, seed, seconds, command, load)
-    (out / "results.json").write_text(json.dumps(document, indent=2, default=_jsonable))
+    # Compact: a full-profile run records ~10^5 numbers (curves), indentation would double it.
+    (out / "results.json").write_text(json.dumps(document, default=_jsonable))
     figures = {(r.claim.key, name): png for r in results for name, png in r.figures.items()}
     for (key, name), png in figures.items():
         (out / f"{key}-{name}.png").write_bytes(png)
@@ -110,6 +111,18 @@ def _jsonable(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def _abbreviated(value, longest: int = 40):
+    """``value`` with every list longer than ``longest`` replaced by a note (the HTML's
+    "All numbers" stays readable; results.json keeps every value)."""
+    if isinstance(value, dict):
+        return {key: _abbreviated(item, longest) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        if len(value) > longest:
+            return f"<{len(value)} values: see results.json>"
+        return [_abbreviated(item, longest) for item in value]
+    return value
 
 
 def verdict_table_rows(document: dict) -> list[tuple[str, str, str, str]]:
@@ -240,7 +253,8 @@ def _html(document: dict, figures: dict) -> str:
             + f'<p><b>Verdict: <span style="color:{VERDICT_COLOURS[verdict["label"]]}">'
             f"{esc(verdict['label'])}</span>.</b> {esc(verdict['reason'])}</p>"
             f"<details><summary>All numbers ({c['seconds']} s)</summary>"
-            f"<pre>{esc(json.dumps(c['numbers'], indent=1, default=_jsonable))}</pre>"
+            f"<pre>{esc(json.dumps(_abbreviated(c['numbers']), indent=1, default=_jsonable))}"
+            f"</pre>"
             f"</details></section>"
         )
     return (

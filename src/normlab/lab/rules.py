@@ -135,11 +135,24 @@ def regime_text(regime_record: dict) -> str:
     improvements = [
         runs[name]["relative_improvement"] for name in bad if "relative_improvement" in runs[name]
     ]
-    worst = f"; still improving by up to {max(improvements):.1%}" if improvements else ""
+    worst = (
+        f"; the best held-out loss still fell by up to {max(improvements):.1%} in the last "
+        f"{PLATEAU_WINDOW:.0%} of the steps, where the criterion allows {PLATEAU_TOLERANCE:.0%}"
+        if improvements
+        else ""
+    )
+    steps = sorted({runs[name]["steps"] for name in bad if "steps" in runs[name]})
+    after = (
+        f" after {steps[0]} steps"
+        if len(steps) == 1
+        else f" after {steps[0]}-{steps[-1]} steps"
+        if steps
+        else ""
+    )
     return (
-        f"{len(bad)} of {len(runs)} runs that enter the verdict had not converged (e.g. "
-        f"{', '.join(bad[:3])}{worst}), so the experiment cannot decide the claim; longer "
-        f"training (the full profile) is needed."
+        f"{len(bad)} of {len(runs)} runs that enter the verdict had not converged{after} (e.g. "
+        f"{', '.join(bad[:3])}{worst}), so the experiment cannot decide the claim: it needs "
+        f"longer training."
     )
 
 
