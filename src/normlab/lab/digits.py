@@ -164,6 +164,15 @@ def error_rate(
     return wrong / len(x)
 
 
+@torch.no_grad()
+def held_out_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Mean cross-entropy in eval mode (running statistics); None if not finite."""
+    was_training = model.training
+    loss = float(nn.functional.cross_entropy(model.eval()(x), y))
+    model.train(was_training)
+    return loss if math.isfinite(loss) else None
+
+
 @dataclass
 class Training:
     """The outcome of ``train``: final eval-mode errors and, per epoch when asked, curves."""
@@ -174,6 +183,9 @@ class Training:
     diverged: bool
     steps: int
     curves: dict[str, list[float]] = field(default_factory=dict)
+    # Held-out (test) cross-entropy in eval mode at ``held_out_steps`` (``eval_every``).
+    held_out_steps: list[int] = field(default_factory=list)
+    held_out_loss: list[float | None] = field(default_factory=list)
 
 
 def train(
@@ -190,11 +202,13 @@ def train(
     momentum: float = 0.9,
     curves: bool = False,
     max_steps: int | None = None,
+    eval_every: int | None = None,
 ) -> Training:
     """SGD with momentum for ``epochs`` passes over a fresh permutation each (batches of
     ``batch_size``, last partial batch dropped), or fewer: at most ``max_steps`` steps.
-    Errors are measured in eval mode; with ``curves`` also after every epoch. Stops early if
-    the loss becomes non-finite.
+    Errors are measured in eval mode; with ``curves`` also after every epoch; with
+    ``eval_every`` the held-out loss every that many steps and at the end (the regime check's
+    curve). Stops early if the loss becomes non-finite.
 
     The update is torch.optim.SGD's (heavy-ball momentum, no dampening, no weight decay),
     written out: constructing a torch optimizer imports torch._dynamo, seconds on 2 cores."""
@@ -202,6 +216,8 @@ def train(
     velocities = [torch.zeros_like(p) for p in parameters]
     history: dict[str, list[float]] = {"train_error": [], "test_error": [], "loss": []}
     steps, diverged, epoch_loss = 0, False, math.nan
+    held_steps: list[int] = []
+    held_losses: list[float | None] = []
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(x_train), generator=generator)
@@ -224,6 +240,9 @@ def train(
             if not math.isfinite(total):
                 diverged = True
                 break
+            if eval_every and steps % eval_every == 0:
+                held_steps.append(steps)
+                held_losses.append(held_out_loss(model, x_test, y_test))
         epoch_loss = total / batches
         if curves:
             history["loss"].append(epoch_loss)
@@ -231,6 +250,9 @@ def train(
             history["test_error"].append(error_rate(model, x_test, y_test))
         if diverged or steps == max_steps:
             break
+    if eval_every and (not held_steps or held_steps[-1] != steps):
+        held_steps.append(steps)
+        held_losses.append(None if diverged else held_out_loss(model, x_test, y_test))
     return Training(
         train_error=error_rate(model, x_train, y_train),
         test_error=error_rate(model, x_test, y_test),
@@ -238,4 +260,6 @@ def train(
         diverged=diverged,
         steps=steps,
         curves=history if curves else {},
+        held_out_steps=held_steps,
+        held_out_loss=held_losses,
     )

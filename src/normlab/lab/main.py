@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -24,9 +25,23 @@ def main(profile_name: str, only: list[str] | None, out: str, seed: int) -> int:
 
     profile = PROFILES[profile_name]
     claims = load_claims(only)
+    command = (
+        f"normlab report --profile {profile_name}"
+        + (f" --only {','.join(only)}" if only else "")
+        + f" --seed {seed} --out {out}"
+    )
+    load_start = os.getloadavg()
     start = time.perf_counter()
-    results = run_claims(claims, profile, seed)
-    document = write_report(results, profile, seed, time.perf_counter() - start, Path(out))
+
+    def write_so_far(done):  # an interrupted long run keeps the claims it finished
+        if len(done) < len(claims):
+            write_report(done, profile, seed, time.perf_counter() - start, Path(out), command)
+
+    results = run_claims(claims, profile, seed, write_so_far)
+    seconds = time.perf_counter() - start
+    document = write_report(
+        results, profile, seed, seconds, Path(out), command, (load_start, os.getloadavg())
+    )
     width = max(len(row[0]) for row in verdict_table_rows(document))
     print(f"\n{'claim':<{width}}  {'verdict':<17} deciding number")
     for title, label, deciding, _ in verdict_table_rows(document):

@@ -24,11 +24,33 @@ VERDICT_COLOURS = {
 }
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def results_document(
-    results: list[ClaimResult], profile: Profile, seed: int, seconds: float
+    results: list[ClaimResult],
+    profile: Profile,
+    seed: int,
+    seconds: float,
+    command: str = "",
+    load: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> dict:
     return {
         "meta": {
+            "command": command,
+            "cpu": _cpu_model(),
+            "platform": platform.platform(),
+            # 1-minute load average at the start and the end: other work on the machine
+            # slows the run (seconds), not its numbers.
+            "load_average": {"start": load[0], "end": load[1]} if load else None,
+            "workers": profile.workers,
             "normlab": normlab.__version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -65,11 +87,18 @@ def results_document(
 
 
 def write_report(
-    results: list[ClaimResult], profile: Profile, seed: int, seconds: float, out: Path
+    results: list[ClaimResult],
+    profile: Profile,
+    seed: int,
+    seconds: float,
+    out: Path,
+    command: str = "",
+    load: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    document = results_document(results, profile, seed, seconds)
-    (out / "results.json").write_text(json.dumps(document, indent=2, default=_jsonable))
+    document = results_document(results, profile, seed, seconds, command, load)
+    # Compact: a full-profile run records ~10^5 numbers (curves), indentation would double it.
+    (out / "results.json").write_text(json.dumps(document, default=_jsonable))
     figures = {(r.claim.key, name): png for r in results for name, png in r.figures.items()}
     for (key, name), png in figures.items():
         (out / f"{key}-{name}.png").write_bytes(png)
@@ -84,6 +113,18 @@ def _jsonable(value):
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
+def _abbreviated(value, longest: int = 40):
+    """``value`` with every list longer than ``longest`` replaced by a note (the HTML's
+    "All numbers" stays readable; results.json keeps every value)."""
+    if isinstance(value, dict):
+        return {key: _abbreviated(item, longest) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        if len(value) > longest:
+            return f"<{len(value)} values: see results.json>"
+        return [_abbreviated(item, longest) for item in value]
+    return value
+
+
 def verdict_table_rows(document: dict) -> list[tuple[str, str, str, str]]:
     return [
         (f"({c['letter']}) {c['title']}", c["verdict"]["label"], c["verdict"]["deciding"], c["key"])
@@ -91,15 +132,47 @@ def verdict_table_rows(document: dict) -> list[tuple[str, str, str, str]]:
     ]
 
 
+def header(meta: dict) -> str:
+    """The report's first lines: how it was made and on what."""
+    load = meta.get("load_average")
+    load_text = (
+        f"; load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end"
+        if load
+        else ""
+    )
+    command = f"`{meta['command']}`: " if meta.get("command") else ""
+    preview = (
+        " The quick profile is a preview: its short training may not reach the regime "
+        "checks, so its training claims may answer inconclusive; the full profile decides."
+        if meta["profile"] != "full"
+        else ""
+    )
+    return (
+        f"{command}profile `{meta['profile']}` ({meta['seeds']} seeds from {meta['seed']}), "
+        f"{meta['seconds']} s on {meta.get('cpu', meta['machine'])}, {meta['cpu_cores']} "
+        f"cores, {meta.get('workers', 1)} worker process(es) with one torch thread each"
+        f"{load_text}; normlab {meta['normlab']}, torch {meta['torch']}, Python "
+        f"{meta['python']}, {meta.get('platform', meta['machine'])}, {meta['date']}.{preview}"
+    )
+
+
+def regime_line(numbers: dict) -> str | None:
+    """The regime check of a training claim, for the report; None for the others."""
+    record = numbers.get("regime")
+    if not record:
+        return None
+    runs = record["runs"]
+    done = len(runs) - len(record["unconverged"])
+    state = "converged" if record["converged"] else "NOT converged"
+    return f"{state}: {done} of {len(runs)} runs. Criterion: {record['criterion']}."
+
+
 def _markdown(document: dict) -> str:
     meta = document["meta"]
     lines = [
         "# normlab report: why Transformers use LayerNorm, not BatchNorm",
         "",
-        f"Profile `{meta['profile']}` ({meta['seeds']} seeds from {meta['seed']}), "
-        f"{meta['seconds']} s on {meta['cpu_cores']} cores (one torch thread per process), "
-        f"normlab {meta['normlab']}, "
-        f"torch {meta['torch']}, {meta['date']}.",
+        header(meta),
         "",
         "| claim | verdict | deciding number |",
         "| --- | --- | --- |",
@@ -123,6 +196,11 @@ def _markdown(document: dict) -> str:
             "",
             f"**Rule:** {c['rule']}",
             "",
+            *(
+                [f"**Regime:** {regime_line(c['numbers'])}", ""]
+                if regime_line(c["numbers"])
+                else []
+            ),
             f"**Verdict: {c['verdict']['label']}.** {c['verdict']['reason']}",
             "",
         ]
@@ -167,10 +245,16 @@ def _html(document: dict, figures: dict) -> str:
             f"<p><b>What was run:</b> {esc(c['what_was_run'])}</p>{images}"
             f"<p><b>Literature:</b> {esc(c['literature'])}</p>"
             f"<p><b>Rule:</b> {esc(c['rule'])}</p>"
-            f'<p><b>Verdict: <span style="color:{VERDICT_COLOURS[verdict["label"]]}">'
+            + (
+                f"<p><b>Regime:</b> {esc(regime_line(c['numbers']))}</p>"
+                if regime_line(c["numbers"])
+                else ""
+            )
+            + f'<p><b>Verdict: <span style="color:{VERDICT_COLOURS[verdict["label"]]}">'
             f"{esc(verdict['label'])}</span>.</b> {esc(verdict['reason'])}</p>"
             f"<details><summary>All numbers ({c['seconds']} s)</summary>"
-            f"<pre>{esc(json.dumps(c['numbers'], indent=1, default=_jsonable))}</pre>"
+            f"<pre>{esc(json.dumps(_abbreviated(c['numbers']), indent=1, default=_jsonable))}"
+            f"</pre>"
             f"</details></section>"
         )
     return (
@@ -178,10 +262,7 @@ def _html(document: dict, figures: dict) -> str:
         "<meta name='viewport' content='width=device-width,initial-scale=1'>"
         f"<title>normlab report</title><style>{_CSS}</style></head><body>"
         "<h1>normlab report: why Transformers use LayerNorm, not BatchNorm</h1>"
-        f"<p class='meta'>Profile {esc(meta['profile'])} ({meta['seeds']} seeds from "
-        f"{meta['seed']}), {meta['seconds']} s on {meta['cpu_cores']} cores (one torch thread "
-        f"per process); normlab "
-        f"{esc(meta['normlab'])}, torch {esc(meta['torch'])}, {esc(meta['date'])}.</p>"
+        f"<p class='meta'>{esc(header(meta))}</p>"
         "<table><tr><th>claim</th><th>verdict</th><th>deciding number</th></tr>"
         f"{rows}</table>{''.join(sections)}</body></html>"
     )

@@ -206,6 +206,18 @@ def finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def thin(values: list[float | None], points: int) -> tuple[list[float | None], int]:
+    """Means of consecutive blocks of ``every`` values so that at most ``points`` remain
+    (None where a block holds no finite value); returns the means and ``every``. Keeps
+    results.json small for long runs; the figures plot block means at their last step."""
+    every = max(1, math.ceil(len(values) / points))
+    means: list[float | None] = []
+    for start in range(0, len(values), every):
+        block = [v for v in values[start : start + every] if v is not None]
+        means.append(sum(block) / len(block) if block else None)
+    return means, every
+
+
 @dataclass
 class Curves:
     train_loss: list[float | None] = field(default_factory=list)
@@ -213,9 +225,13 @@ class Curves:
     eval_loss: list[float | None] = field(default_factory=list)
     eval_accuracy: list[float] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def as_dict(self, points: int = 500) -> dict:
+        """The curves; the per-step training loss as means of blocks of ``train_loss_every``
+        steps, at most ``points`` of them."""
+        train_loss, every = thin(self.train_loss, points)
         return {
-            "train_loss": self.train_loss,
+            "train_loss": train_loss,
+            "train_loss_every": every,
             "eval_steps": self.eval_steps,
             "eval_loss": self.eval_loss,
             "eval_accuracy": self.eval_accuracy,
@@ -232,7 +248,9 @@ def train_next_token(
     eval_every: int,
 ) -> Curves:
     """Adam on the masked next-token loss; held-out evaluation every ``eval_every`` steps and
-    at the end. A non-finite training loss is recorded as None and training goes on."""
+    at the end. The learning rate stays ``lr``: the regime check reads the held-out curve,
+    and a decaying rate would flatten it whether or not the model had converged. A
+    non-finite training loss is recorded as None and training goes on."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     curves = Curves()
     model.train()

@@ -5,6 +5,7 @@ Pre-LN and Post-LN; and how much batch statistics fluctuate on text versus image
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 
@@ -14,8 +15,17 @@ from torch import nn
 
 import normlab
 from normlab.lab import text
-from normlab.lab.rules import consistent_effect, fmt, mean, spread
-from normlab.lab.runner import Claim, Findings, RunContext, Verdict
+from normlab.lab.rules import (
+    apply_regime,
+    consistent_effect,
+    fmt,
+    mean,
+    plateau,
+    power_text,
+    regime,
+    spread,
+)
+from normlab.lab.runner import Claim, Findings, RunContext, Verdict, seed_everything
 from normlab.lab.sequence_models import (
     NORM_COLOURS,
     NORM_KINDS,
@@ -23,6 +33,7 @@ from normlab.lab.sequence_models import (
     SequenceNorm,
     TinyTransformer,
     next_token_loss,
+    thin,
     train_next_token,
 )
 
@@ -33,6 +44,7 @@ DIGITS_BATCH = 64
 DEPTHS = (1, 2, 4, 8)
 PLACEMENTS = {"pre": "Pre-LN", "post": "Post-LN"}
 BN_FAMILY = ("batch", "batch-masked", "power-masked")
+FULL_STEPS = 3000  # the full profile's training length, chosen to reach the regime check
 
 
 class StatisticsProbe:
@@ -72,14 +84,18 @@ class StatisticsProbe:
 
         return record
 
-    def close(self, burn_in: int) -> dict:
+    def close(self, burn_in: int, points: int = 500) -> dict:
+        """Averages after ``burn_in`` steps; the per-step series as means of blocks of
+        ``per_step_every`` steps, at most ``points`` of them."""
         for handle in self.handles:
             handle.remove()
         per_step_mean = np.mean(self.mean_shift, axis=0)
         per_step_var = np.mean(self.var_shift, axis=0)
+        mean_series, every = thin(per_step_mean.tolist(), points)
         return {
-            "mean_shift_per_step": per_step_mean.tolist(),
-            "var_shift_per_step": per_step_var.tolist(),
+            "mean_shift_per_step": mean_series,
+            "var_shift_per_step": thin(per_step_var.tolist(), points)[0],
+            "per_step_every": every,
             "mean_shift": float(per_step_mean[burn_in:].mean()),
             "var_shift": float(per_step_var[burn_in:].mean()),
             "elements_per_batch": float(np.mean(self.elements)),
@@ -91,11 +107,11 @@ def _sequence_probe(model: nn.Module) -> StatisticsProbe:
     return StatisticsProbe(layers)
 
 
-def _digits_run(seed: int, ctx: RunContext, steps: int, burn_in: int) -> dict:
+def _digits_run(seed: int, steps: int, burn_in: int) -> dict:
     """An MLP with BatchNorm on scikit-learn's 8x8 digits: the image-data reference."""
     from sklearn.datasets import load_digits
 
-    generator = ctx.seed_everything(seed)
+    generator = seed_everything(seed)
     images, labels = load_digits(return_X_y=True)
     order = torch.randperm(len(labels), generator=generator)
     x = torch.tensor(images, dtype=torch.float32)[order] / 16
@@ -127,16 +143,14 @@ def _digits_run(seed: int, ctx: RunContext, steps: int, burn_in: int) -> dict:
     return result
 
 
-def _gradients_at_init(
-    seed: int, ctx: RunContext, tokens: torch.Tensor, lengths: torch.Tensor
-) -> dict:
+def _gradients_at_init(seed: int, tokens: torch.Tensor, lengths: torch.Tensor) -> dict:
     """Frobenius norm of dLoss/dW of each block's second FFN layer at initialization, for
     LayerNorm Transformers of each depth, Pre-LN and Post-LN (Xiong et al. 2020, Fig. 3)."""
     out = {}
     for placement in PLACEMENTS:
         out[placement] = {}
         for depth in DEPTHS:
-            ctx.seed_everything(seed)
+            seed_everything(seed)
             model = TinyTransformer(
                 text.VOCAB_SIZE,
                 "layer",
@@ -154,24 +168,76 @@ def _gradients_at_init(
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _held_out_lines(files: int, count: int) -> tuple[torch.Tensor, ...]:
+    """``count`` lines spread evenly over the held-out files."""
+    corpus = text.load_corpus(files=files)
+    return corpus.held_out[:: max(1, len(corpus.held_out) // count)][:count]
+
+
+def _transformer_run(
+    seed: int, placement: str, kind: str, files: int, held_out_count: int, schedule: dict
+) -> tuple[dict, dict | None]:
+    """One training run (a job for ``RunContext.map``): its curves, and for the BatchNorm
+    kinds the statistics probe's record. The same initialization stream and batches for every
+    norm within a seed."""
+    corpus = text.load_corpus(files=files)
+    held_out = text.fixed_batches(_held_out_lines(files, held_out_count), 64)
+    generator = seed_everything(seed)
+    model = TinyTransformer(
+        text.VOCAB_SIZE,
+        kind,
+        pre_ln=placement == "pre",
+        d_model=D_MODEL,
+        heads=HEADS,
+        layers=LAYERS,
+        ffn=FFN,
+        power_warmup=schedule["power_warmup"],
+    )
+    probe = _sequence_probe(model) if kind.startswith("batch") else None
+    curves = train_next_token(
+        model,
+        lambda: text.sample_batch(corpus.train, BATCH, generator),
+        held_out,
+        steps=schedule["steps"],
+        lr=LR,
+        eval_every=schedule["eval_every"],
+    )
+    return curves.as_dict(), None if probe is None else probe.close(schedule["burn_in"])
+
+
+def _seed_extras(seed: int, files: int, held_out_count: int, schedule: dict) -> tuple:
+    """The digits reference for the fluctuation and the gradients at initialization."""
+    probe_batch = text.pad_batch(list(_held_out_lines(files, held_out_count)[:32]))
+    return (
+        _digits_run(seed, schedule["steps"], schedule["burn_in"]),
+        _gradients_at_init(seed, *probe_batch),
+    )
+
+
 def run(ctx: RunContext) -> Findings:
     pick = ctx.profile.pick
     files = pick(smoke=10, quick=40, full=80)
-    steps = pick(smoke=6, quick=100, full=600)
-    eval_every = pick(smoke=3, quick=50, full=100)
+    steps = pick(smoke=6, quick=100, full=FULL_STEPS)
+    eval_every = steps // pick(smoke=3, quick=10, full=40)
     held_out_count = pick(smoke=32, quick=128, full=1024)
     burn_in = steps // 3
     power_warmup = max(1, steps // 5)
+    schedule = {
+        "steps": steps,
+        "eval_every": eval_every,
+        "burn_in": burn_in,
+        "power_warmup": power_warmup,
+    }
     corpus = text.load_corpus(files=files)
-    held_out_lines = corpus.held_out[:: max(1, len(corpus.held_out) // held_out_count)]
-    held_out_lines = held_out_lines[:held_out_count]
-    held_out = text.fixed_batches(held_out_lines, 64)
+    held_out_lines = _held_out_lines(files, held_out_count)
     numbers = {
         "python": platform.python_version(),
         "data": corpus.describe(),
         "model": {"d_model": D_MODEL, "heads": HEADS, "layers": LAYERS, "ffn": FFN},
         "training": {
             "steps": steps,
+            "eval_every": eval_every,
             "lr": LR,
             "batch": BATCH,
             "power_warmup": power_warmup,
@@ -180,40 +246,31 @@ def run(ctx: RunContext) -> Findings:
         "gradients": {"depths": list(DEPTHS), "seeds": {}},
         "fluctuation": {"burn_in": burn_in, "digits_batch": DIGITS_BATCH, "seeds": {}},
     }
-    for seed in ctx.seeds:
-        runs = {placement: {} for placement in PLACEMENTS}
-        fluctuation = {}
-        for placement in PLACEMENTS:
-            for kind in ctx.track(NORM_KINDS, f"seed {seed} {PLACEMENTS[placement]}"):
-                generator = ctx.seed_everything(seed)  # same init stream and batches per norm
-                model = TinyTransformer(
-                    text.VOCAB_SIZE,
-                    kind,
-                    pre_ln=placement == "pre",
-                    d_model=D_MODEL,
-                    heads=HEADS,
-                    layers=LAYERS,
-                    ffn=FFN,
-                    power_warmup=power_warmup,
-                )
-                probe = _sequence_probe(model) if kind.startswith("batch") else None
-                curves = train_next_token(
-                    model,
-                    lambda g=generator: text.sample_batch(corpus.train, BATCH, g),
-                    held_out,
-                    steps=steps,
-                    lr=LR,
-                    eval_every=eval_every,
-                )
-                runs[placement][kind] = curves.as_dict()
-                if probe is not None:
-                    fluctuation[f"text {kind} {placement}"] = probe.close(burn_in)
-        ctx.progress(f"seed {seed} digits and gradients")
-        fluctuation["digits"] = _digits_run(seed, ctx, steps, burn_in)
+    jobs = [
+        (seed, placement, kind, files, held_out_count, schedule)
+        for seed in ctx.seeds
+        for placement in PLACEMENTS
+        for kind in NORM_KINDS
+    ]
+    trained = ctx.map(_transformer_run, jobs, f"Transformers, {steps} steps")
+    extras = ctx.map(
+        _seed_extras,
+        [(seed, files, held_out_count, schedule) for seed in ctx.seeds],
+        "digits reference and gradients at init",
+    )
+    outcomes = dict(zip([job[:3] for job in jobs], trained, strict=True))
+    for seed, (digits_reference, gradients) in zip(ctx.seeds, extras, strict=True):
+        runs = {p: {k: outcomes[seed, p, k][0] for k in NORM_KINDS} for p in PLACEMENTS}
+        fluctuation = {
+            f"text {k} {p}": outcomes[seed, p, k][1]
+            for p in PLACEMENTS
+            for k in NORM_KINDS
+            if k.startswith("batch")
+        }
+        fluctuation["digits"] = digits_reference
         numbers["training"]["seeds"][str(seed)] = runs
         numbers["fluctuation"]["seeds"][str(seed)] = fluctuation
-        probe_batch = text.pad_batch(list(held_out_lines[:32]))
-        numbers["gradients"]["seeds"][str(seed)] = _gradients_at_init(seed, ctx, *probe_batch)
+        numbers["gradients"]["seeds"][str(seed)] = gradients
 
     seeds = numbers["training"]["seeds"].values()
     numbers["training"]["final_loss"] = {
@@ -244,6 +301,16 @@ def run(ctx: RunContext) -> Findings:
         }
         for placement in PLACEMENTS
     }
+    numbers["regime"] = regime(
+        {
+            f"{PLACEMENTS[p]} {NORM_LABELS[k]} seed {seed}": plateau(
+                run[p][k]["eval_steps"], run[p][k]["eval_loss"]
+            )
+            for seed, run in numbers["training"]["seeds"].items()
+            for p in PLACEMENTS
+            for k in NORM_KINDS
+        }
+    )
     numbers["summary"] = _summary(numbers)
     _loss_figure(ctx, numbers)
     _gradient_figure(ctx, numbers)
@@ -256,7 +323,8 @@ def run(ctx: RunContext) -> Findings:
             f"{FFN}, learned positions, Xavier-uniform weights and zero biases; Pre-LN (with a "
             f"final norm) and Post-LN; the norm is LayerNorm, BatchNorm(dim=-1) over all "
             f"positions (padding included), masked BatchNorm or masked PowerNorm (warmup "
-            f"{power_warmup} steps), given lengths=. Training: Adam lr {LR}, gradient clipping "
+            f"{power_warmup} steps), given lengths=. Training: Adam lr {LR} (constant), gradient "
+            f"clipping "
             f"1, {steps} steps of {BATCH} random lines padded to the longest, next-character "
             f"loss on real tokens; held-out loss in eval mode on {len(held_out_lines)} lines "
             f"of held-out files; the same initialization stream and batches for every norm "
@@ -331,14 +399,15 @@ def _loss_figure(ctx: RunContext, numbers: dict) -> None:
 
     training = numbers["training"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    window = max(1, training["steps"] // 15)
-    kernel = np.ones(window) / window
     for ax, (placement, name) in zip(axes[:2], PLACEMENTS.items(), strict=True):
         for kind in NORM_KINDS:
             runs = [s[placement][kind] for s in training["seeds"].values()]
             losses = np.array([[np.nan if v is None else v for v in r["train_loss"]] for r in runs])
+            every = runs[0].get("train_loss_every", 1)
+            window = max(1, losses.shape[1] // 15)
+            kernel = np.ones(window) / window
             smooth = np.array([np.convolve(row, kernel, mode="valid") for row in losses])
-            steps = np.arange(window, training["steps"] + 1)
+            steps = np.arange(window, losses.shape[1] + 1) * every
             ax.plot(steps, np.nanmean(smooth, 0), color=NORM_COLOURS[kind], label=NORM_LABELS[kind])
             ax.fill_between(
                 steps,
@@ -348,7 +417,7 @@ def _loss_figure(ctx: RunContext, numbers: dict) -> None:
                 alpha=0.15,
             )
         ax.set_xlabel("step")
-        ax.set_ylabel(f"training loss (moving average of {window})")
+        ax.set_ylabel("training loss (moving average, 1/15 of the run)")
         ax.set_title(f"{name} Transformer (mean; band: seeds' range)", fontsize=10)
         ax.legend(fontsize=8)
     ax = axes[2]
@@ -426,10 +495,11 @@ def _fluctuation_figure(ctx: RunContext, numbers: dict) -> None:
         (axes[1], "mean_shift", "|mu_B - mu_run| / std_run"),
     ):
         for name, (text_label, colour, style) in series.items():
-            runs = np.array([s[name][f"{key}_per_step"] for s in fluctuation["seeds"].values()])
-            ax.plot(
-                np.arange(1, runs.shape[1] + 1), runs.mean(0), style, color=colour, label=text_label
-            )
+            records = [s[name] for s in fluctuation["seeds"].values()]
+            runs = np.array([r[f"{key}_per_step"] for r in records], dtype=float)
+            every = records[0].get("per_step_every", 1)
+            x = np.arange(1, runs.shape[1] + 1) * every
+            ax.plot(x, runs.mean(0), style, color=colour, label=text_label)
         ax.axvline(fluctuation["burn_in"], color="grey", lw=0.8, ls=":")
         ax.set_yscale("log")
         ax.set_xlabel("training step (dotted: end of burn-in)")
@@ -454,6 +524,11 @@ def _fluctuation_figure(ctx: RunContext, numbers: dict) -> None:
 
 
 def verdict(numbers: dict) -> Verdict:
+    return Verdict(*apply_regime(numbers["regime"], *_decide(numbers)))
+
+
+def _decide(numbers: dict) -> tuple[str, str, str]:
+    """The rule on the final held-out losses, before the regime check."""
     gaps = {p: {k: _gaps(numbers, p, k) for k in BN_FAMILY} for p in PLACEMENTS}
     means = {
         p: {k: (mean(g) if g is not None else math.inf) for k, g in gaps[p].items()}
@@ -461,7 +536,10 @@ def verdict(numbers: dict) -> Verdict:
     }
     best = {p: min(BN_FAMILY, key=lambda k, p=p: means[p][k]) for p in PLACEMENTS}
     deciding = "held-out loss, best BatchNorm-family norm − LayerNorm: " + "; ".join(
-        f"{PLACEMENTS[p]} {fmt(means[p][best[p]])} ({NORM_LABELS[best[p]]})" for p in PLACEMENTS
+        f"{PLACEMENTS[p]} {fmt(means[p][best[p]])}"
+        + (f" ± {fmt(spread(gaps[p][best[p]]))}" if gaps[p][best[p]] is not None else "")
+        + f" ({NORM_LABELS[best[p]]})"
+        for p in PLACEMENTS
     )
     ln_beats_all = all(
         gaps[p][k] is None or consistent_effect(gaps[p][k]) for p in PLACEMENTS for k in BN_FAMILY
@@ -484,7 +562,7 @@ def verdict(numbers: dict) -> Verdict:
     training = numbers["training"]
     context = (
         f" (Held-out loss after {training['steps']} steps of {training['batch']} lines, "
-        f"{len(training['seeds'])} seeds: a short, early-training regime.)"
+        f"{len(training['seeds'])} seeds.)"
         f" Batch variance fluctuation, text (masked BN) / digits: {fmt(mean(ratios))}x ± "
         f"{fmt(spread(ratios))} (text {'' if text_fluctuates else 'not '}consistently above "
         f"images over seeds). Gradient of the last FFN weight at init with {deepest} layers: "
@@ -493,27 +571,28 @@ def verdict(numbers: dict) -> Verdict:
     gap_text = "; ".join(
         f"{PLACEMENTS[p]}: "
         + ", ".join(
-            f"{NORM_LABELS[k]} {'diverged' if gaps[p][k] is None else fmt(mean(gaps[p][k]))}"
+            f"{NORM_LABELS[k]} "
+            + ("diverged" if gaps[p][k] is None else power_text(gaps[p][k], unit=" nats"))
             for k in BN_FAMILY
         )
         for p in PLACEMENTS
     )
     if ln_beats_all:
-        return Verdict(
+        return (
             "supported",
             f"LayerNorm reached a lower held-out loss than every BatchNorm-family norm in every "
             f"seed, in both placements (loss − LayerNorm: {gap_text}).{context}",
             deciding,
         )
     if bn_beats_ln:
-        return Verdict(
+        return (
             "contradicted",
             f"A BatchNorm-family norm reached a consistently lower held-out loss than LayerNorm "
             f"in both placements (loss − LayerNorm: {gap_text}).{context}",
             deciding,
         )
     if ln_beats_unmasked or text_fluctuates:
-        return Verdict(
+        return (
             "partly supported",
             f"LayerNorm did not beat every BatchNorm-family norm consistently (loss − "
             f"LayerNorm: {gap_text}), but "
@@ -525,7 +604,7 @@ def verdict(numbers: dict) -> Verdict:
             + f".{context}",
             deciding,
         )
-    return Verdict(
+    return (
         "inconclusive",
         f"No consistent difference between LayerNorm and the BatchNorm family, and no "
         f"consistent excess fluctuation of text statistics (loss − LayerNorm: {gap_text})."
@@ -549,7 +628,9 @@ CLAIM = Claim(
     "placements. Otherwise partly supported if LayerNorm consistently beats unmasked BatchNorm "
     "in both placements, or if text batch-variance fluctuation (masked BatchNorm, relative to "
     "the running variance) exceeds the digits MLP's consistently (consistent_effect on the "
-    "log ratio per seed); else inconclusive. The gradient-versus-depth measurement is "
+    "log ratio per seed); else inconclusive. Regime first: if any of these runs has not "
+    "converged (rules.REGIME_CRITERION, on its held-out loss curve), inconclusive. The "
+    "gradient-versus-depth measurement is "
     "reported beside the verdict: it concerns where LayerNorm sits, not LayerNorm vs "
     "BatchNorm.",
     literature="Xiong et al., ICML 2020 (On Layer Normalization in the Transformer "

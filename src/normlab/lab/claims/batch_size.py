@@ -9,17 +9,38 @@ from torch import nn
 
 import normlab
 from normlab.lab import digits
-from normlab.lab.rules import consistent_effect, fmt, mean, spread
-from normlab.lab.runner import Claim, Findings, RunContext, Verdict
+from normlab.lab.rules import (
+    REGIME_CRITERION,
+    apply_regime,
+    consistent_effect,
+    fmt,
+    mean,
+    plateau,
+    power_text,
+    regime,
+    spread,
+)
+from normlab.lab.runner import Claim, Findings, RunContext, Verdict, seed_everything
 
 NORMS = ("BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm", "none", "BatchRenorm", "GhostBN")
 BATCH_DEPENDENT = ("BatchNorm", "BatchRenorm", "GhostBN")  # train and eval modes differ
+# The full profile's norms: the verdict's pair, Wu & He's GroupNorm, and BatchRenorm.
+FULL_NORMS = ("BatchNorm", "LayerNorm", "GroupNorm", "BatchRenorm")
 ARCHS = ("mlp", "cnn")
 REFERENCE_BATCH = 32  # Wu & He's largest per-GPU batch; errors are compared against it
 BASE_LR = 0.1  # SGD lr at the reference batch; lr = BASE_LR * batch / 32 (linear scaling)
 MOMENTUM = 0.9
 VIRTUAL_BATCH = 4  # GhostBN's statistics batch, run where the batch is larger
 LN_TOLERANCE = 0.01  # LN "insensitive": its error does not rise by > 1 pp in every seed
+EVALUATIONS = 20  # held-out loss evaluations per run (the regime check's curve)
+FULL_EPOCHS = 15  # the full profile's training length, chosen to reach the regime check
+# Running statistics (momentum 0.1) average over ~10 batches; a run must also have taken this
+# many steps, so that they settled over many batches of the trained weights.
+SETTLED_STEPS = 100
+CRITERION = (
+    f"{REGIME_CRITERION}; here also at least {SETTLED_STEPS} steps, so that the running "
+    "statistics that eval mode uses have averaged many batches"
+)
 
 # Wu & He 2018 (Group Normalization), Table 2: ResNet-50 ImageNet val error (%) by images
 # per GPU.
@@ -34,11 +55,10 @@ def _applies(norm: str, batch: int) -> bool:
     return norm != "GhostBN" or batch > VIRTUAL_BATCH
 
 
-def _train_one(
-    ctx: RunContext, arch: str, norm: str, batch: int, samples: int, gap_samples: int, seed: int
-) -> dict:
+def _train_one(arch: str, norm: str, batch: int, samples: int, gap_samples: int, seed: int) -> dict:
+    """One training run (a job for ``RunContext.map``)."""
     data = digits.load_digits()
-    generator = ctx.seed_everything(seed)
+    generator = seed_everything(seed)
     steps = samples // batch
     factory = digits.norm_factory(norm, virtual_batch_size=VIRTUAL_BATCH, renorm_warmup=steps // 10)
     model = digits.mlp(factory) if arch == "mlp" else digits.cnn(factory)
@@ -56,12 +76,15 @@ def _train_one(
         epochs=-(-samples // digits.TRAIN_SIZE),
         max_steps=steps,
         generator=generator,
+        eval_every=max(1, steps // EVALUATIONS),
     )
     result = {
         "test_error": outcome.test_error,
         "train_error": outcome.train_error,
         "final_loss": outcome.final_loss,
         "diverged": outcome.diverged,
+        "held_out_steps": outcome.held_out_steps,
+        "held_out_loss": outcome.held_out_loss,
     }
     if norm in BATCH_DEPENDENT:
         # The same test data through the same weights, normalized with the statistics of
@@ -126,8 +149,9 @@ def _error_figure(ctx: RunContext, archs: dict, batch_sizes) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
     colours = dict(zip(NORMS, plt.cm.tab10.colors, strict=False))
+    norms = [n for n in NORMS if archs["mlp"][n]]  # the norms this profile ran
     for ax, arch in zip(axes[:2], ARCHS, strict=True):
-        for i, norm in enumerate(NORMS):
+        for i, norm in enumerate(norms):
             sizes = [b for b in batch_sizes if _applies(norm, b)]
             values = [archs[arch][norm][str(b)]["test_error"] for b in sizes]
             jitter = 1 + 0.025 * (i - len(NORMS) / 2)  # keep error bars apart
@@ -185,7 +209,7 @@ def _spread_figure(ctx: RunContext, spreads: dict, archs: dict, batch_sizes) -> 
     spread_ax.set_ylabel("std of the output over batch-mates")
     spread_ax.legend(fontsize=8)
     for arch, style in (("mlp", "-"), ("cnn", "--")):
-        for norm in BATCH_DEPENDENT:
+        for norm in [n for n in BATCH_DEPENDENT if archs[arch][n]]:
             bs = [b for b in batch_sizes if _applies(norm, b)]
             values = [archs[arch][norm][str(b)]["train_eval_gap"] for b in bs]
             gap_ax.plot(
@@ -203,25 +227,33 @@ def _spread_figure(ctx: RunContext, spreads: dict, archs: dict, batch_sizes) -> 
 
 
 def run(ctx: RunContext) -> Findings:
+    # full trains FULL_EPOCHS times longer than quick; to keep it within the hour on 2 cores
+    # it leaves out batch sizes 4 and 16 (batch 2 alone is half the cost) and the norms
+    # outside FULL_NORMS.
     batch_sizes = ctx.profile.pick(
-        smoke=[2, 32], quick=[2, 4, 8, 16, 32, 128], full=[2, 4, 8, 16, 32, 128]
+        smoke=[2, 32], quick=[2, 4, 8, 16, 32, 128], full=[2, 8, 32, 128]
     )
-    # Samples seen, the same at every batch size: one epoch in quick, a fraction in smoke.
-    samples = ctx.profile.pick(smoke=128, quick=digits.TRAIN_SIZE, full=3 * digits.TRAIN_SIZE)
+    norms = ctx.profile.pick(smoke=NORMS, quick=NORMS, full=FULL_NORMS)
+    # Samples seen, the same at every batch size: one epoch in quick, a fraction in smoke,
+    # FULL_EPOCHS epochs in full.
+    samples = ctx.profile.pick(
+        smoke=128, quick=digits.TRAIN_SIZE, full=FULL_EPOCHS * digits.TRAIN_SIZE
+    )
     gap_samples = ctx.profile.pick(smoke=64, quick=256, full=digits.TEST_SIZE)
     archs: dict = {arch: {norm: {} for norm in NORMS} for arch in ARCHS}
-    for arch in ARCHS:
-        for norm in ctx.track(NORMS, f"{arch}"):
-            for batch in batch_sizes:
-                if not _applies(norm, batch):
-                    continue
-                per_seed = [
-                    _train_one(ctx, arch, norm, batch, samples, gap_samples, seed)
-                    for seed in ctx.seeds
-                ]
-                archs[arch][norm][str(batch)] = {
-                    key: [r[key] for r in per_seed] for key in per_seed[0]
-                }
+    cells = [
+        (arch, norm, batch)
+        for arch in ARCHS
+        for norm in norms
+        for batch in batch_sizes
+        if _applies(norm, batch)
+    ]
+    jobs = [(*cell, samples, gap_samples, seed) for cell in cells for seed in ctx.seeds]
+    outcomes = ctx.map(_train_one, jobs, f"digits runs, {samples} samples each")
+    for cell in cells:
+        per_seed = [o for job, o in zip(jobs, outcomes, strict=True) if job[:3] == cell]
+        arch, norm, batch = cell
+        archs[arch][norm][str(batch)] = {key: [r[key] for r in per_seed] for key in per_seed[0]}
     ctx.progress("BN output spread")
     fixed_digits = ctx.profile.pick(smoke=2, quick=4, full=8)
     spreads = _bn_output_spread(ctx, batch_sizes, samples=fixed_digits, draws=32)
@@ -236,7 +268,7 @@ def run(ctx: RunContext) -> Findings:
                     strict=True,
                 )
             ]
-            for norm in NORMS
+            for norm in norms
             if _applies(norm, small)
         }
         for arch in ARCHS
@@ -244,6 +276,7 @@ def run(ctx: RunContext) -> Findings:
     _error_figure(ctx, archs, batch_sizes)
     _spread_figure(ctx, spreads, archs, batch_sizes)
     numbers = {
+        "regime": training_regime(archs, small, ctx.seeds),
         "batch_sizes": batch_sizes,
         "small_batch": small,
         "reference_batch": REFERENCE_BATCH,
@@ -283,7 +316,7 @@ def run(ctx: RunContext) -> Findings:
             + ", ".join(
                 f"{arch.upper()} {gap(arch, 'GhostBN', max(batch_sizes))}" for arch in ARCHS
             )
-            if _applies("GhostBN", max(batch_sizes))
+            if "GhostBN" in norms and _applies("GhostBN", max(batch_sizes))
             else ""
         )
         + ". Wu & He: BN +11.1, GN 0.0."
@@ -294,13 +327,15 @@ def run(ctx: RunContext) -> Findings:
             f"Digits (fixed split, {digits.TRAIN_SIZE} train / {digits.TEST_SIZE} test, "
             f"standardized). MLP: 64 -> [Linear 64 -> norm -> ReLU] x2 -> 10. CNN on 8x8 "
             f"images: conv3x3 8 -> norm -> ReLU -> conv3x3/2 16 -> norm -> ReLU -> Linear. "
-            f"Norms (normlab): {', '.join(NORMS)}; for the CNN LayerNorm and RMSNorm cover "
+            f"Norms (normlab): {', '.join(norms)}; for the CNN LayerNorm and RMSNorm cover "
             f"(C, H, W) of one sample, GroupNorm uses 4 groups, GhostBN is BatchNorm with "
             f"virtual_batch_size={VIRTUAL_BATCH} (only for batches > {VIRTUAL_BATCH}), "
             f"BatchRenorm r_max=3, d_max=5 after 10% of the steps as plain BN. Batch sizes "
-            f"{batch_sizes}, SGD momentum {MOMENTUM}, lr = {BASE_LR} x batch/{REFERENCE_BATCH}, "
+            f"{batch_sizes}, SGD momentum {MOMENTUM}, lr = {BASE_LR} x batch/{REFERENCE_BATCH} "
+            f"(constant), "
             f"{samples} samples seen at every batch size ({digits.TRAIN_SIZE} = one epoch). "
-            f"Test error in eval mode (running statistics); the first {gap_samples} test "
+            f"Held-out (test) loss in eval mode {EVALUATIONS} times per run for the regime "
+            f"check. Test error in eval mode (running statistics); the first {gap_samples} test "
             f"digits in train mode (statistics of test batches of the training batch size) "
             f"minus in eval mode give the "
             f"train/eval gap. Seeds {ctx.seeds}. Spread: each of {fixed_digits} fixed test "
@@ -312,6 +347,23 @@ def run(ctx: RunContext) -> Findings:
             f"values per channel; in the MLP only the batch is averaged."
         ),
     )
+
+
+def training_regime(archs: dict, small: int, seeds: list[int]) -> dict:
+    """``numbers["regime"]``: BatchNorm and LayerNorm at the small and the reference batch,
+    both models, every seed (the runs the verdict compares)."""
+    runs = {}
+    for arch in ARCHS:
+        for norm in ("BatchNorm", "LayerNorm"):
+            for batch in (small, REFERENCE_BATCH):
+                cell = archs[arch][norm][str(batch)]
+                for i, seed in enumerate(seeds):
+                    record = plateau(cell["held_out_steps"][i], cell["held_out_loss"][i])
+                    record["converged"] = record["converged"] and (
+                        cell["held_out_steps"][i][-1] >= SETTLED_STEPS
+                    )
+                    runs[f"{arch.upper()} {norm} batch {batch} seed {seed}"] = record
+    return regime(runs, CRITERION)
 
 
 def _arch_state(numbers: dict, arch: str) -> dict:
@@ -339,6 +391,14 @@ def _describe(arch: str, state: dict, change: dict) -> str:
 
 
 def verdict(numbers: dict) -> Verdict:
+    decided = _decide(numbers)
+    return Verdict(
+        *apply_regime(numbers["regime"], decided.label, decided.reason, decided.deciding)
+    )
+
+
+def _decide(numbers: dict) -> Verdict:
+    """The rule on the test errors, before the regime check."""
     small, ref = numbers["small_batch"], numbers["reference_batch"]
     states = {arch: _arch_state(numbers, arch) for arch in ARCHS}
     change = numbers["error_change_small_minus_reference"]
@@ -350,6 +410,11 @@ def verdict(numbers: dict) -> Verdict:
     details = (
         f"Test-error change from batch {ref} to {small}: "
         + "; ".join(_describe(arch, states[arch], change[arch]) for arch in ARCHS)
+        + ". BN's rise minus LN's: "
+        + "; ".join(
+            f"{arch.upper()} {power_text(s['excess'], scale=100, unit=' pp')}"
+            for arch, s in states.items()
+        )
         + f". A sample's BN output moves by {fmt(mean(spreads[str(small)]))} (std over "
         f"batch-mates) at batch {small} vs {fmt(mean(spreads[str(ref)]))} at {ref}. "
         f"Wu & He 2018 (ResNet-50, ImageNet, 32 -> 2 images/GPU): BN +11.1 pp, GN +0.0 pp."
@@ -382,7 +447,10 @@ CLAIM = Claim(
         "models; partly supported if it holds in one, or BN is consistently hurt more but LN "
         "also degrades; contradicted if the mean excess is <= 0 in both; otherwise "
         "inconclusive. GroupNorm, RMSNorm, none, BatchRenorm and GhostBN, the train/eval gap "
-        "and the output spread are reported for context."
+        "and the output spread are reported for context. Regime first: if a BatchNorm or "
+        "LayerNorm run at either batch size has not converged (rules.REGIME_CRITERION on its "
+        f"held-out loss, evaluated {EVALUATIONS} times per run, and at least {SETTLED_STEPS} "
+        "steps), inconclusive."
     ),
     literature=(
         "Wu & He 2018 (Group Normalization), Table 2, ResNet-50 on ImageNet, val error at "

@@ -11,8 +11,17 @@ import torch
 from torch import nn
 
 from normlab.lab import digits
-from normlab.lab.rules import consistent_effect, fmt, mean, spread
-from normlab.lab.runner import Claim, Findings, RunContext, Verdict
+from normlab.lab.rules import (
+    apply_regime,
+    consistent_effect,
+    fmt,
+    mean,
+    plateau,
+    power_text,
+    regime,
+    spread,
+)
+from normlab.lab.runner import Claim, Findings, RunContext, Verdict, seed_everything
 
 NORMS = ("none", "BatchNorm", "LayerNorm", "RMSNorm")
 DECIDING_NORMS = ("BatchNorm", "LayerNorm")  # the article's (value - mean) / std pair
@@ -20,6 +29,8 @@ WIDTH = 64
 GAIN = math.sqrt(2.0)  # He: scale 1 keeps a plain ReLU net's activations at one scale
 GRADIENT_BATCH = 128
 TRAIN_DEPTH, BATCH_SIZE, LR = 10, 32, 0.02
+FULL_EPOCHS = 80  # the full profile's training length, chosen to reach the regime check
+EVALUATIONS = 20  # held-out loss evaluations per training run (the regime check's curve)
 ORDERS_BETTER = 1.0  # "mitigates": at least 10x less drift than without normalization
 ORDERS_TAME = 1.0  # "tame": the first layer's gradient moves less than 10x from shallow to deep
 YANG_RELU_RATE = math.sqrt(math.pi / (math.pi - 1))  # BN gradient growth per layer, ReLU
@@ -29,32 +40,50 @@ def _scale_key(scale: float) -> str:
     return f"{scale:g}"
 
 
+def _init_gradients_seed(seed: int, depths, scales) -> dict:
+    """One seed (a job for ``RunContext.map``): per norm, scale and depth, the first and last
+    hidden layers' weight-gradient norms for one batch of real digits in float64 (so neither
+    2^-80 nor 2^80 leaves the representable range)."""
+    data = digits.load_digits()
+    generator = seed_everything(seed)
+    batch = torch.randperm(len(data.y_train), generator=generator)[:GRADIENT_BATCH]
+    x, y = data.x_train[batch].double(), data.y_train[batch]
+    result = {norm: {} for norm in NORMS}
+    for norm in NORMS:
+        for scale in scales:
+            cell = result[norm][_scale_key(scale)] = {"first": {}, "last": {}, "ratio": {}}
+            for depth in depths:
+                model = digits.mlp(digits.norm_factory(norm), depth=depth, width=WIDTH)
+                model = digits.scale_init(model.double().train(), scale, generator, GAIN)
+                nn.functional.cross_entropy(model(x), y).backward()
+                hidden = digits.hidden_linears(model)
+                first = float(hidden[0].weight.grad.norm())
+                last = float(hidden[-1].weight.grad.norm())
+                for name, value in (("first", first), ("last", last), ("ratio", first / last)):
+                    cell[name][str(depth)] = value
+    return result
+
+
 def _init_gradients(ctx: RunContext, depths, scales) -> dict:
     """Per norm, scale and depth: the first and last hidden layers' weight-gradient norms,
-    one value per seed, for one batch of real digits in float64 (so neither 2^-80 nor 2^80
-    leaves the representable range)."""
-    data = digits.load_digits()
-    result = {
-        norm: {_scale_key(s): {"first": {}, "last": {}, "ratio": {}} for s in scales}
+    one value per seed."""
+    per_seed = ctx.map(
+        _init_gradients_seed,
+        [(seed, depths, scales) for seed in ctx.seeds],
+        "gradients at initialization",
+    )
+    return {
+        norm: {
+            _scale_key(s): {
+                name: {
+                    str(d): [r[norm][_scale_key(s)][name][str(d)] for r in per_seed] for d in depths
+                }
+                for name in ("first", "last", "ratio")
+            }
+            for s in scales
+        }
         for norm in NORMS
     }
-    for seed in ctx.track(ctx.seeds, "gradients at init, seed"):
-        generator = ctx.seed_everything(seed)
-        batch = torch.randperm(len(data.y_train), generator=generator)[:GRADIENT_BATCH]
-        x, y = data.x_train[batch].double(), data.y_train[batch]
-        for norm in NORMS:
-            for scale in scales:
-                for depth in depths:
-                    model = digits.mlp(digits.norm_factory(norm), depth=depth, width=WIDTH)
-                    model = digits.scale_init(model.double().train(), scale, generator, GAIN)
-                    nn.functional.cross_entropy(model(x), y).backward()
-                    hidden = digits.hidden_linears(model)
-                    first = float(hidden[0].weight.grad.norm())
-                    last = float(hidden[-1].weight.grad.norm())
-                    cell = result[norm][_scale_key(scale)]
-                    for name, value in (("first", first), ("last", last), ("ratio", first / last)):
-                        cell[name].setdefault(str(depth), []).append(value)
-    return result
 
 
 def _log_drift(first_deep: float, first_shallow: float) -> float:
@@ -63,38 +92,52 @@ def _log_drift(first_deep: float, first_shallow: float) -> float:
     return math.log10(first_deep) - math.log10(first_shallow)
 
 
-def _training(ctx: RunContext, epochs: int) -> dict:
+def _train_deep(norm: str, seed: int, epochs: int) -> dict:
+    """One training run at depth TRAIN_DEPTH (a job for ``RunContext.map``)."""
     data = digits.load_digits()
+    generator = seed_everything(seed)
+    model = digits.mlp(digits.norm_factory(norm), depth=TRAIN_DEPTH, width=WIDTH)
+    digits.scale_init(model, 1.0, generator, GAIN)
+    steps = epochs * (digits.TRAIN_SIZE // BATCH_SIZE)
+    outcome = digits.train(
+        model,
+        data.x_train,
+        data.y_train,
+        data.x_test,
+        data.y_test,
+        batch_size=BATCH_SIZE,
+        lr=LR,
+        epochs=epochs,
+        generator=generator,
+        curves=True,
+        eval_every=max(1, steps // EVALUATIONS),
+    )
+    return {
+        "test_error": outcome.test_error,
+        "train_error": outcome.train_error,
+        "diverged": outcome.diverged,
+        "curves": {
+            "train_error": outcome.curves["train_error"],
+            "test_error": outcome.curves["test_error"],
+            "held_out_steps": outcome.held_out_steps,
+            "held_out_loss": outcome.held_out_loss,
+        },
+    }
+
+
+def _training(ctx: RunContext, epochs: int) -> dict:
+    jobs = [(norm, seed, epochs) for norm in NORMS for seed in ctx.seeds]
+    outcomes = ctx.map(_train_deep, jobs, f"training at depth {TRAIN_DEPTH}, {epochs} epochs")
     runs = {}
-    for norm in ctx.track(NORMS, "training at depth 10,"):
-        run = {"test_error": [], "train_error": [], "gap": [], "diverged": [], "curves": []}
-        for seed in ctx.seeds:
-            generator = ctx.seed_everything(seed)
-            model = digits.mlp(digits.norm_factory(norm), depth=TRAIN_DEPTH, width=WIDTH)
-            digits.scale_init(model, 1.0, generator, GAIN)
-            outcome = digits.train(
-                model,
-                data.x_train,
-                data.y_train,
-                data.x_test,
-                data.y_test,
-                batch_size=BATCH_SIZE,
-                lr=LR,
-                epochs=epochs,
-                generator=generator,
-                curves=True,
-            )
-            run["test_error"].append(outcome.test_error)
-            run["train_error"].append(outcome.train_error)
-            run["gap"].append(outcome.test_error - outcome.train_error)
-            run["diverged"].append(outcome.diverged)
-            run["curves"].append(
-                {
-                    "train_error": outcome.curves["train_error"],
-                    "test_error": outcome.curves["test_error"],
-                }
-            )
-        runs[norm] = run
+    for norm in NORMS:
+        per_seed = [o for (n, _, _), o in zip(jobs, outcomes, strict=True) if n == norm]
+        runs[norm] = {
+            "test_error": [o["test_error"] for o in per_seed],
+            "train_error": [o["train_error"] for o in per_seed],
+            "gap": [o["test_error"] - o["train_error"] for o in per_seed],
+            "diverged": [o["diverged"] for o in per_seed],
+            "curves": [o["curves"] for o in per_seed],
+        }
     return runs
 
 
@@ -196,7 +239,7 @@ def run(ctx: RunContext) -> Findings:
         smoke=[5, 20], quick=[5, 10, 20, 40, 80], full=[5, 10, 20, 40, 80, 160]
     )
     scales = [0.5, 1.0, 2.0]
-    epochs = ctx.profile.pick(smoke=1, quick=10, full=20)
+    epochs = ctx.profile.pick(smoke=1, quick=10, full=FULL_EPOCHS)
     grads = _init_gradients(ctx, depths, scales)
     shallow, deep = str(depths[0]), str(depths[-1])
     drift_by_scale = {
@@ -253,6 +296,7 @@ def run(ctx: RunContext) -> Findings:
             "epochs": epochs,
             "runs": runs,
         },
+        "regime": training_regime(runs, ctx.seeds),
     }
     numbers["summary"] = (
         f"worst-scale drift of the first layer's gradient, depth {shallow}->{deep} (orders of "
@@ -278,7 +322,8 @@ def run(ctx: RunContext) -> Findings:
             f"N(0, (scale*sqrt(2))^2/64) with scale {scales} (1 = He), one batch of "
             f"{GRADIENT_BATCH} training digits, cross-entropy, float64; recorded: the weight-"
             f"gradient norms of the first and last hidden layers. Training: depth "
-            f"{TRAIN_DEPTH}, He init, SGD lr {LR} momentum 0.9, batch {BATCH_SIZE}, {epochs} "
+            f"{TRAIN_DEPTH}, He init, SGD lr {LR} "
+            f"(constant) momentum 0.9, batch {BATCH_SIZE}, {epochs} "
             f"epochs over {digits.TRAIN_SIZE} training digits, errors in eval mode on "
             f"{digits.TEST_SIZE} test digits (fixed split). lr {LR} is the largest of "
             f"0.02/0.05/0.1 at which the unnormalized net trained in an exploratory run. "
@@ -308,13 +353,12 @@ def _gradient_state(numbers: dict) -> tuple[str, dict]:
 
 def _generalization_state(numbers: dict) -> tuple[str, dict]:
     runs = numbers["training"]["runs"]
-    none = runs["none"]["test_error"]
     states = {}
     for norm in DECIDING_NORMS:
-        errors = runs[norm]["test_error"]
-        if consistent_effect([a - b for a, b in zip(none, errors, strict=True)]):
+        reduction = _error_reduction(runs, norm)
+        if consistent_effect(reduction):
             states[norm] = "better"
-        elif consistent_effect([b - a for a, b in zip(none, errors, strict=True)]):
+        elif consistent_effect([-r for r in reduction]):
             states[norm] = "worse"
         else:
             states[norm] = "no clear difference"
@@ -355,30 +399,55 @@ def verdict(numbers: dict) -> Verdict:
             for n, s in grad_states.items()
         )
         + f" (no norm drifts {fmt(mean(drift['none']), 2)} orders at its worst init scale). "
-        f"Generalization {generalization}: "
+        f"Drift reduction against no norm (orders): "
+        + ", ".join(
+            f"{n} " + power_text([a - b for a, b in zip(drift["none"], drift[n], strict=True)])
+            for n in DECIDING_NORMS
+        )
+        + f". Generalization {generalization}: "
         + ", ".join(
             f"{n} {s} (test error {100 * mean(runs[n]['test_error']):.1f} ± "
             f"{100 * spread(runs[n]['test_error']):.1f}% vs none "
-            f"{100 * mean(runs['none']['test_error']):.1f}%; train-test gap "
-            f"{100 * mean(runs[n]['gap']):.1f} vs {100 * mean(runs['none']['gap']):.1f} pp)"
+            f"{100 * mean(runs['none']['test_error']):.1f}%; none − {n}: "
+            + power_text(_error_reduction(runs, n), scale=100, unit=" pp")
+            + f"; train-test gap {100 * mean(runs[n]['gap']):.1f} vs "
+            f"{100 * mean(runs['none']['gap']):.1f} pp)"
             for n, s in gen_states.items()
         )
         + "."
     )
     if mean(drift["none"]) < ORDERS_BETTER:
-        return Verdict(
-            "inconclusive",
+        label = "inconclusive"
+        reason = (
             "Without normalization the gradients did not vanish or explode on this grid, so "
-            "there was nothing to mitigate. " + reason,
-            deciding,
+            "there was nothing to mitigate. " + reason
         )
-    if gradients == "holds" and generalization == "holds":
+    elif gradients == "holds" and generalization == "holds":
         label = "supported"
     elif gradients == "fails" and generalization == "fails":
         label = "contradicted"
     else:
         label = "partly supported"
-    return Verdict(label, reason, deciding)
+    return Verdict(*apply_regime(numbers["regime"], label, reason, deciding))
+
+
+def _error_reduction(runs: dict, norm: str) -> list[float]:
+    """Per seed, the unnormalized net's test error minus ``norm``'s."""
+    return [
+        a - b for a, b in zip(runs["none"]["test_error"], runs[norm]["test_error"], strict=True)
+    ]
+
+
+def training_regime(runs: dict, seeds: list[int]) -> dict:
+    """``numbers["regime"]``: the held-out loss curves of the runs the verdict compares (no
+    norm and the deciding norms, every seed)."""
+    return regime(
+        {
+            f"{norm} seed {seed}": plateau(curves["held_out_steps"], curves["held_out_loss"])
+            for norm in ("none", *DECIDING_NORMS)
+            for seed, curves in zip(seeds, runs[norm]["curves"], strict=True)
+        }
+    )
 
 
 CLAIM = Claim(
@@ -400,7 +469,10 @@ CLAIM = Claim(
         "unnormalized net's at the training depth (consistent_effect over seeds); the half "
         "holds if both are better, is mixed if one is, fails otherwise. Supported if both "
         "halves hold, contradicted if both fail, partly supported otherwise; inconclusive if "
-        "the unnormalized net's drift is under 1 order (nothing to mitigate)."
+        "the unnormalized net's drift is under 1 order (nothing to mitigate). Regime first: "
+        "if a training run of no norm, BatchNorm or LayerNorm has not converged "
+        "(rules.REGIME_CRITERION on its held-out loss, evaluated "
+        f"{EVALUATIONS} times per run), inconclusive."
     ),
     literature=(
         "Ioffe & Szegedy 2015 introduced BatchNorm to speed up training and noted a "
