@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         choices=("quick", "full", "smoke"),
         default="quick",
-        help="quick: minutes on 2 CPU cores (default); full: more seeds and "
-        "sizes; smoke: toy sizes",
+        help="quick: a preview, about 4 minutes on 2 CPU cores, whose training claims may "
+        "answer 'inconclusive' (default); full: 5 seeds and longer training, about 45 "
+        "minutes (docs/lab holds its report); smoke: toy sizes",
     )
     report.add_argument(
         "--only", default=None, help="comma-separated experiments, e.g. padding,batch-size"
