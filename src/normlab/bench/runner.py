@@ -177,44 +177,38 @@ def run(settings: Settings, console=None) -> dict:
     return report
 
 
-def _measure_fold(settings: Settings, console) -> dict:
-    """fold_batchnorm's inference speed-up (``fold_speed``), in this process."""
+def _measure_in_process(settings: Settings, console, module, what: str) -> dict:
+    """One of the in-process timings (``fold_speed``, ``models``): ``module.measure`` at the
+    bench's threads, grid and repetitions, then its table."""
     import torch
-
-    from normlab.bench import fold_speed
 
     threads = torch.get_num_threads()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     try:
-        with console.status("timing fold_batchnorm (small CNN, MLP)"):
-            results = fold_speed.measure(
+        with console.status(f"timing {what}"):
+            results = module.measure(
                 settings.grid, settings.repetitions, settings.warmup, settings.seed
             )
     finally:
         torch.set_num_threads(threads)
-    fold_speed.print_table(results, console)
+    module.print_table(results, console)
     return results
+
+
+def _measure_fold(settings: Settings, console) -> dict:
+    """fold_batchnorm's inference speed-up (``fold_speed``), in this process."""
+    from normlab.bench import fold_speed
+
+    return _measure_in_process(settings, console, fold_speed, "fold_batchnorm (small CNN, MLP)")
 
 
 def _measure_models(settings: Settings, console) -> dict:
     """Whole models converted vs unconverted (``models``), in this process."""
-    import torch
-
     from normlab.bench import models
 
-    threads = torch.get_num_threads()
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    try:
-        with console.status("timing whole models (Llama, BERT, ConvNeXt-style CNN)"):
-            results = models.measure(
-                settings.grid, settings.repetitions, settings.warmup, settings.seed
-            )
-    finally:
-        torch.set_num_threads(threads)
-    models.print_table(results, console)
-    return results
+    what = "whole models (Llama, BERT, ConvNeXt-style CNN)"
+    return _measure_in_process(settings, console, models, what)
 
 
 def run_worker(mode: str, settings: Settings, out_path: str) -> int:
