@@ -39,6 +39,16 @@ def _emit(**record):
     print(json.dumps(record), flush=True)
 
 
+def _measure(call, moved: int, **record) -> None:
+    """Time ``call`` and print its record with ms and GB/s, or the compiler's refusal."""
+    try:
+        ms = _time_ms(call)
+    except Exception as error:  # a configuration the compiler refuses
+        _emit(**record, error=str(error).splitlines()[0][:200])
+        return
+    _emit(**record, ms=ms, gbps=moved / ms / 1e6)
+
+
 def _data(n_rows, n_cols, dtype):
     x = torch.randn(n_rows, n_cols, device=DEVICE, dtype=dtype)
     weight = torch.randn(n_cols, device=DEVICE, dtype=dtype)
@@ -57,32 +67,20 @@ def sweep_forward(n_rows, widths, warps_list, loop_blocks):
             for block in blocks:
                 for warps in warps_list:
                     rows.num_warps = lambda _block, w=warps: w
+                    call = partial(rows.row_norm_forward, x, weight, bias, 1e-5, True)
                     try:
-                        call = partial(rows.row_norm_forward, x, weight, bias, 1e-5, True)
-                        ms = _time_ms(partial(call, block=block))
-                    except Exception as error:  # a config the compiler refuses
-                        _emit(
+                        _measure(
+                            partial(call, block=block),
+                            moved,
                             kind="forward",
                             dtype=name,
                             cols=n_cols,
                             block=block,
                             warps=warps,
-                            error=str(error).splitlines()[0][:200],
+                            default=block == default_block and warps == default_warps(block),
                         )
-                        continue
                     finally:
                         rows.num_warps = default_warps
-                    is_default = block == default_block and warps == default_warps(block)
-                    _emit(
-                        kind="forward",
-                        dtype=name,
-                        cols=n_cols,
-                        block=block,
-                        warps=warps,
-                        ms=ms,
-                        gbps=moved / ms / 1e6,
-                        default=is_default,
-                    )
 
 
 def sweep_backward(n_rows, widths, warps_list, per_sm_list, loop_blocks):
@@ -101,22 +99,10 @@ def sweep_backward(n_rows, widths, warps_list, per_sm_list, loop_blocks):
                 for warps in warps_list:
                     rows.backward_warps = lambda _b, _l, w=warps: w
                     for per_sm in per_sm_list:
-                        programs = sms * per_sm
-                        try:
-                            call = partial(rows.row_norm_backward, dy, x, weight, mean, rstd, True)
-                            ms = _time_ms(partial(call, block=block, programs=programs))
-                        except Exception as error:
-                            _emit(
-                                kind="backward",
-                                dtype=name,
-                                cols=n_cols,
-                                block=block,
-                                warps=warps,
-                                per_sm=per_sm,
-                                error=str(error).splitlines()[0][:200],
-                            )
-                            continue
-                        _emit(
+                        call = partial(rows.row_norm_backward, dy, x, weight, mean, rstd, True)
+                        _measure(
+                            partial(call, block=block, programs=sms * per_sm),
+                            moved,
                             kind="backward",
                             dtype=name,
                             cols=n_cols,
@@ -124,8 +110,6 @@ def sweep_backward(n_rows, widths, warps_list, per_sm_list, loop_blocks):
                             warps=warps,
                             per_sm=per_sm,
                             looped=looped,
-                            ms=ms,
-                            gbps=moved / ms / 1e6,
                         )
                     rows.backward_warps = default_warps
 
