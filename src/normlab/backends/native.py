@@ -68,6 +68,7 @@ def takes(call) -> str | None:
         found = _spec.layout(s, x.shape, bool(tensors))
         if not isinstance(found, _spec.Layout) or found.kind != "channels":
             return "given statistics outside a per-channel (BatchNorm) layout"
+        call.layout = found
         return None
     if s.stats != "batch":
         return "PowerNorm's running statistic"
@@ -76,6 +77,7 @@ def takes(call) -> str | None:
         return axis
     if call.residual is not None and axis != -1:
         return "a fused add over a non-trailing axis"
+    call.layout = axis  # what forward reads: -1 (trailing axes) or the axis to move last
     return None
 
 
@@ -118,11 +120,11 @@ def _rows(x, call):
 
 
 def forward(call):
-    """(y, mean, var) of ``call`` with torch's ops; statistics keepdim, without gradient."""
+    """(y, mean, var) of ``call`` with torch's ops (``takes`` accepted it and stored its
+    layout); statistics keepdim, without gradient."""
     x = call.x
     if call.spec.stats == "given":
-        found = _spec.layout(call.spec, x.shape, call.weight is not None or call.bias is not None)
-        a, c, b = found.view
+        a, c, b = call.layout.view
         flat = [None if t is None else t.reshape(c) for t in (call.weight, call.bias)]
         y = F.batch_norm(
             x.reshape(a, c, b),
@@ -135,7 +137,7 @@ def forward(call):
         )
         acc = composite.accumulation_dtype(x.dtype)
         return y.reshape(x.shape), call.mean.to(acc), call.var.to(acc)
-    axis = _rows_axis(call)
+    axis = call.layout  # set by takes
     if axis == -1:
         return _rows(x, call)
     # One reduced axis that is not last: LayerNorm over it as a trailing axis, of a view.

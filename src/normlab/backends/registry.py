@@ -50,7 +50,7 @@ class Call:
     """One normalization call as the registry sees it. ``mean``/``var`` are the given
     statistics (keepdim; PowerNorm: ``var`` is the running quadratic mean), ``residual``
     the fused add's, ``sync`` a statistics hook (SyncBatchNorm's: the composite only).
-    ``layout`` is set by a kernel family's ``takes``."""
+    ``layout`` is set by the ``takes`` of the family that accepts the call."""
 
     __slots__ = (
         "bias", "eps", "exporting", "layout", "mask", "mean", "residual", "spec", "stats", "sync",
