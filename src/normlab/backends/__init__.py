@@ -18,8 +18,10 @@
 - ``"auto"`` (default): on CUDA tensors ``"triton"`` where it applies (when installed); on
   CPU tensors ``"numba"`` where it applies and the input has at least
   ``AUTO_MIN_ELEMENTS`` elements (below that, the fixed cost of a kernel call outweighs
-  its speed); else ``"torch"`` where it applies (small, half-precision, strided and
-  channels-first LayerNorm/RMSNorm, BatchNorm eval); ``"composite"`` otherwise. Under
+  its speed), except LayerNorm/RMSNorm calls that ``"torch"`` takes, which go to Numba from
+  ``AUTO_TORCH_ELEMENTS`` on; else ``"torch"`` where it applies (small, half-precision,
+  strided and channels-first LayerNorm/RMSNorm, BatchNorm eval); ``"composite"``
+  otherwise. Each call signature is decided once (``normlab.backends.plans``). Under
   ``torch.onnx.export``, ``"torch"`` or ``"composite"`` only, so that the graph holds
   standard ONNX ops.
 
@@ -45,7 +47,18 @@ BACKENDS = ("auto", "numba", "triton", "torch", "composite")
 
 AUTO_MIN_ELEMENTS = 1 << 15
 
-_state = threading.local()
+# (LayerNorm, RMSNorm): below these sizes "auto" leaves the calls torch's own ops compute
+# (the "torch" family) to them, not to the Numba kernels: torch's fused op behind
+# normlab's per-call plan costs less than a kernel launch there (the crossover measured on
+# 2 cores, docs/benchmarks.md). torch's CPU RMSNorm is not fused, hence the lower bound.
+AUTO_TORCH_ELEMENTS = (1 << 20, 1 << 18)
+
+
+class _State(threading.local):
+    backend: str | None = None  # set by ``use`` (a class default: no failed lookup per call)
+
+
+_state = _State()
 _default = os.environ.get("NORMLAB_BACKEND", "auto")
 _last = {"backend": None}
 
@@ -58,7 +71,7 @@ def _check(name: str) -> str:
 
 def get_backend() -> str:
     """The backend requested for this thread (``use`` overrides ``set_backend``)."""
-    return getattr(_state, "backend", None) or _default
+    return _state.backend or _default
 
 
 def set_backend(name: str) -> None:
@@ -71,7 +84,7 @@ def set_backend(name: str) -> None:
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
     """Run the block with ``name`` as the backend (this thread only)."""
-    previous = getattr(_state, "backend", None)
+    previous = _state.backend
     _state.backend = _check(name)
     try:
         yield

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import spec as _spec
+from normlab.backends import record as _record
 from normlab.kernels import composite
 
 HALF = (torch.float16, torch.bfloat16)
@@ -81,6 +82,14 @@ def takes(call) -> str | None:
     return None
 
 
+def _pivot(x, k: int):
+    """Each sample's first element over the trailing ``k`` axes, keepdim, without gradient."""
+    if k == 1:
+        return x.detach().narrow(-1, 0, 1)
+    first = x.detach().flatten(x.dim() - k)[..., :1]
+    return first.reshape(first.shape[:-1] + (1,) * k)
+
+
 def _stats_out(x, mean, rstd, eps):
     acc = composite.accumulation_dtype(x.dtype)
     mean = mean.detach().to(acc)
@@ -99,8 +108,7 @@ def _rows(x, call):
         # variance of data far from zero (1e4 + 1e-3 noise). Not in an exported graph.
         pivot = None
         if not getattr(call, "exporting", False):
-            rows = x.detach().flatten(x.dim() - len(shape))[..., :1]
-            pivot = rows.reshape(rows.shape[:-1] + (1,) * len(shape))
+            pivot = _pivot(x, len(shape))
             x = x - pivot
         y, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
         if not call.stats:
@@ -108,7 +116,7 @@ def _rows(x, call):
         mean, var = _stats_out(x, mean if pivot is None else mean + pivot, rstd, eps)
         return y, mean, var
     if not call.stats:
-        return F.rms_norm(x, shape, weight, eps), None, None
+        return torch.rms_norm(x, shape, weight, eps), None, None
     if hasattr(torch, "_fused_rms_norm"):  # torch >= 2.8: output and rstd in one op
         y, rstd = torch._fused_rms_norm(x, list(shape), weight, eps)
     else:
@@ -145,6 +153,40 @@ def forward(call):
     if mean is None:
         return y.movedim(-1, axis), None, None
     return y.movedim(-1, axis), mean.movedim(-1, axis), var.movedim(-1, axis)
+
+
+def plan(call):
+    """A runner ``(x, weight, bias, eps) -> y`` for the calls of ``call``'s plan key
+    (``normlab.backends.plans``): the LayerNorm/RMSNorm whose statistics are discarded,
+    weight and bias as the caller passed them (of ``normalized_shape``). None for the
+    others."""
+    s = call.spec
+    if s.stats != "batch" or call.stats or call.residual is not None:
+        return None
+    shape = tuple(call.x.shape[d] for d in s.reduction)
+    if s.center:
+        k = len(shape)
+
+        def rows(x, weight, bias, eps):
+            return torch.native_layer_norm(x - _pivot(x, k), shape, weight, bias, eps)[0]
+    else:
+
+        def rows(x, weight, bias, eps):
+            return torch.rms_norm(x, shape, weight, eps)
+
+    axis = call.layout
+    if axis == -1:
+        run = rows
+    else:
+
+        def run(x, weight, bias, eps):
+            return rows(x.movedim(axis, -1), weight, bias, eps).movedim(-1, axis)
+
+    def recorded(x, weight, bias, eps):
+        _record("torch")
+        return run(x, weight, bias, eps)
+
+    return recorded
 
 
 class _Moved:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from normlab import backends, spec
-from normlab.backends import native
+from normlab.backends import native, plans
 from normlab.kernels import composite
 from normlab.kernels.gpu import interpreting
 from normlab.ops import composite_op, kernel_ops
@@ -88,6 +88,8 @@ class Family:
     forward: Callable  # (call) -> (y, mean, var)
     add: Callable  # (call) -> (y, x + residual)
     power: Callable  # (call, nu, alpha_bkw) -> y
+    # (call) -> runner (x, weight, bias, eps) -> y for the calls of its plan key, or None
+    plan: Callable = lambda call: None
 
 
 # --- what a kernel family takes ------------------------------------------------------------
@@ -204,6 +206,33 @@ def _kernel_add(family: str):
     return add
 
 
+def _kernel_plan(family: str):
+    def plan(call: Call):
+        """Rows kernels only: the view is fixed by the plan key (shape, contiguity)."""
+        if call.layout.kind != "rows" or call.stats or call.residual is not None:
+            return None
+        view, center, shape = call.layout.view, call.spec.center, call.x.shape
+        launcher = kernel_ops.implementation(family, "row_norm")
+
+        def run(x, weight, bias, eps):
+            backends.record(family)
+            w = None if weight is None else weight.reshape(-1)
+            b = None if bias is None else bias.reshape(-1)
+            if torch.is_grad_enabled() and (
+                x.requires_grad
+                or (w is not None and w.requires_grad)
+                or (b is not None and b.requires_grad)
+            ):
+                y = kernel_ops.row_norm(x.view(view), w, b, eps, center, family)[0]
+            else:  # no graph to record: the launcher itself, without the op's dispatch
+                y = launcher(x.view(view), w, b, eps, center)[0]
+            return y.view(shape)
+
+        return run
+
+    return plan
+
+
 def _composite_add(call: Call):
     total = call.x + call.residual
     s = spec.NormSpec(call.spec.reduction, call.spec.feature, call.spec.center)
@@ -223,16 +252,17 @@ def _power(family: str):
 COMPOSITE = Family(
     "composite", _composite_takes, composite_op.forward, _composite_add, _power("composite")
 )
-TORCH = Family("torch", native.takes, native.forward, native.add, _power("composite"))
-NUMBA = Family(
-    "numba", _kernel_takes("numba"), _kernel_forward("numba"), _kernel_add("numba"), _power("numba")
-)
-TRITON = Family(
-    "triton",
-    _kernel_takes("triton"),
-    _kernel_forward("triton"),
-    _kernel_add("triton"),
-    _power("triton"),
+TORCH = Family("torch", native.takes, native.forward, native.add, _power("composite"), native.plan)
+NUMBA, TRITON = (
+    Family(
+        name,
+        _kernel_takes(name),
+        _kernel_forward(name),
+        _kernel_add(name),
+        _power(name),
+        _kernel_plan(name),
+    )
+    for name in ("numba", "triton")
 )
 FAMILIES = {family.name: family for family in (COMPOSITE, NUMBA, TRITON, TORCH)}
 
@@ -275,15 +305,23 @@ def _exporting_onnx() -> str | None:
 
 def _auto(call: Call) -> Family:
     """ "auto": the fused kernel of the input's device (Triton on CUDA; Numba on the CPU
-    from ``AUTO_MIN_ELEMENTS`` elements on, below which a launch costs more than it saves)
-    where it takes the call, else torch's own op where it computes the same thing, else the
+    from ``AUTO_MIN_ELEMENTS`` elements on, below which a launch costs more than it saves;
+    LayerNorm/RMSNorm that torch's ops take from ``AUTO_TORCH_ELEMENTS`` on) where it takes
+    the call, else torch's own op where it computes the same thing, else the
     composite. Under ONNX export, torch's ops (they export as standard ONNX normalization
     ops) or the composite (plain arithmetic): never a custom op ONNX does not know."""
     exporting = _exporting_onnx()
     call.exporting = exporting is not None
     if exporting is None:
         kernel = TRITON if call.x.device.type == "cuda" else NUMBA
-        small = kernel is NUMBA and call.x.numel() < backends.AUTO_MIN_ELEMENTS
+        small = False
+        if kernel is NUMBA:
+            n = call.x.numel()
+            small = n < backends.AUTO_MIN_ELEMENTS or (
+                n < backends.AUTO_TORCH_ELEMENTS[0 if call.spec.center else 1]
+                and call.spec.stats == "batch"
+                and TORCH.takes(call) is None
+            )
         if not small and kernel.takes(call) is None:
             return kernel
     elif exporting == "torchscript":
@@ -316,10 +354,15 @@ def decide(call: Call) -> Family:
     return family
 
 
-def run(call: Call):
+def run(call: Call, plan_key=None):
     """(y, mean, var) of the normalization ``call``, statistics in the accumulation dtype
-    and without gradient."""
-    return decide(call).forward(call)
+    and without gradient. ``plan_key``: the call's ``plans.key``; the decision is then
+    remembered as the family's runner for the later calls of that key."""
+    family = decide(call)
+    out = family.forward(call)
+    if plan_key is not None:
+        plans.put(plan_key, family.plan(call))
+    return out
 
 
 def run_add(call: Call):
