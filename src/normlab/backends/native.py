@@ -96,6 +96,19 @@ def _stats_out(x, mean, rstd, eps):
     return mean, (rstd.detach().to(acc).pow(-2) - eps)
 
 
+def _given(x, weight, bias, eps, mean, var, exporting=False):
+    """BatchNorm of the (A, C, B) view x with the given (C,) statistics, as constants.
+    torch's eval BatchNorm computes x * scale + (bias - mean * scale), whose two large terms
+    cancel and lose a large mean's digits in float32 (1e4 + 1e-3 noise: outputs 0.1 off);
+    it is handed x - mean (exact where x is near the mean) and a zero mean instead (1e-7
+    off). float64 has the digits and half precision rounds its output anyway; an exported
+    graph keeps torch's op as it is (ONNX BatchNormalization)."""
+    mean, var = mean.detach(), var.detach()
+    if x.dtype == torch.float32 and not exporting:
+        x, mean = x - mean.view(-1, 1), torch.zeros_like(mean)
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+
+
 def _rows(x, call):
     """(y, mean, var) over the trailing ``len(reduction)`` axes of x (any strides)."""
     s, eps = call.spec, float(call.eps)
@@ -133,15 +146,13 @@ def forward(call):
     x = call.x
     if call.spec.stats == "given":
         a, c, b = call.layout.view
-        flat = [None if t is None else t.reshape(c) for t in (call.weight, call.bias)]
-        y = F.batch_norm(
+        y = _given(
             x.reshape(a, c, b),
-            call.mean.detach().reshape(c),
-            call.var.detach().reshape(c),
-            *flat,
-            False,
-            0.0,
+            *(None if t is None else t.reshape(c) for t in (call.weight, call.bias)),
             float(call.eps),
+            call.mean.reshape(c),
+            call.var.reshape(c),
+            call.exporting,
         )
         acc = composite.accumulation_dtype(x.dtype)
         return y.reshape(x.shape), call.mean.to(acc), call.var.to(acc)
@@ -158,9 +169,18 @@ def forward(call):
 def plan(call):
     """A runner ``(x, weight, bias, eps) -> y`` for the calls of ``call``'s plan key
     (``normlab.backends.plans``): the LayerNorm/RMSNorm whose statistics are discarded,
-    weight and bias as the caller passed them (of ``normalized_shape``). None for the
-    others."""
+    weight and bias as the caller passed them (of ``normalized_shape``); ``(x, weight,
+    bias, eps, mean, var) -> y`` for BatchNorm with given statistics, each (C,). None for
+    the others."""
     s = call.spec
+    if s.stats == "given":
+        view, full = call.layout.view, call.x.shape
+
+        def given(x, weight, bias, eps, mean, var):
+            _record("torch")
+            return _given(x.reshape(view), weight, bias, eps, mean, var).reshape(full)
+
+        return given
     if s.stats != "batch" or call.stats or call.residual is not None:
         return None
     shape = tuple(call.x.shape[d] for d in s.reduction)

@@ -208,25 +208,32 @@ def _kernel_add(family: str):
 
 def _kernel_plan(family: str):
     def plan(call: Call):
-        """Rows kernels only: the view is fixed by the plan key (shape, contiguity)."""
-        if call.layout.kind != "rows" or call.stats or call.residual is not None:
+        """Rows (LayerNorm/RMSNorm) and BatchNorm with given statistics: the view is fixed
+        by the plan key (shape, contiguity); weight, bias and statistics come as (C,)."""
+        kind, view, shape = call.layout.kind, call.layout.view, call.x.shape
+        if call.stats or call.residual is not None:
             return None
-        view, center, shape = call.layout.view, call.spec.center, call.x.shape
-        launcher = kernel_ops.implementation(family, "row_norm")
+        if kind == "rows" and call.spec.stats == "batch":
+            name, center = "row_norm", call.spec.center
+        elif kind == "channels" and call.spec.stats == "given":
+            name, center = "batch_norm_given", None
+        else:
+            return None
+        op, launcher = getattr(kernel_ops, name), kernel_ops.implementation(family, name)
 
-        def run(x, weight, bias, eps):
+        def run(x, weight, bias, eps, *stats):
             backends.record(family)
-            w = None if weight is None else weight.reshape(-1)
-            b = None if bias is None else bias.reshape(-1)
-            if torch.is_grad_enabled() and (
-                x.requires_grad
-                or (w is not None and w.requires_grad)
-                or (b is not None and b.requires_grad)
-            ):
-                y = kernel_ops.row_norm(x.view(view), w, b, eps, center, family)[0]
-            else:  # no graph to record: the launcher itself, without the op's dispatch
-                y = launcher(x.view(view), w, b, eps, center)[0]
-            return y.view(shape)
+            tensors = (
+                x.view(view),
+                None if weight is None else weight.reshape(-1),
+                None if bias is None else bias.reshape(-1),
+                *stats,
+            )
+            args = (eps,) if center is None else (eps, center)
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+                return op(*tensors, *args, family)[0].view(shape)
+            # no graph to record: the launcher itself, without the op's dispatch
+            return launcher(*tensors, *args)[0].view(shape)
 
         return run
 
