@@ -208,18 +208,31 @@ def _kernel_add(family: str):
 
 def _kernel_plan(family: str):
     def plan(call: Call):
-        """Rows (LayerNorm/RMSNorm) and BatchNorm with given statistics: the view is fixed
-        by the plan key (shape, contiguity); weight, bias and statistics come as (C,)."""
-        kind, view, shape = call.layout.kind, call.layout.view, call.x.shape
-        if call.stats or call.residual is not None:
+        """Rows (LayerNorm/RMSNorm), groups (GroupNorm/InstanceNorm) and BatchNorm with
+        given statistics: the view is fixed by the plan key (shape, contiguity); weight,
+        bias and statistics come flat."""
+        layout, s = call.layout, call.spec
+        if call.stats or call.residual is not None or s.masked:
             return None
-        if kind == "rows" and call.spec.stats == "batch":
-            name, center = "row_norm", call.spec.center
-        elif kind == "channels" and call.spec.stats == "given":
-            name, center = "batch_norm_given", None
+        if layout.kind == "rows" and s.stats == "batch":
+            name, center = "row_norm", s.center
+
+            def tail(eps):
+                return eps, center
+        elif layout.kind == "groups" and s.stats == "batch":
+            name, groups = "group_norm", layout.groups
+
+            def tail(eps):
+                return groups, eps, None
+        elif layout.kind == "channels" and s.stats == "given":
+            name = "batch_norm_given"
+
+            def tail(eps):
+                return (eps,)
         else:
             return None
         op, launcher = getattr(kernel_ops, name), kernel_ops.implementation(family, name)
+        view = layout.view
 
         def run(x, weight, bias, eps, *stats):
             backends.record(family)
@@ -229,11 +242,10 @@ def _kernel_plan(family: str):
                 None if bias is None else bias.reshape(-1),
                 *stats,
             )
-            args = (eps,) if center is None else (eps, center)
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-                return op(*tensors, *args, family)[0].view(shape)
+                return op(*tensors, *tail(eps), family)[0].view(x.shape)
             # no graph to record: the launcher itself, without the op's dispatch
-            return launcher(*tensors, *args)[0].view(shape)
+            return launcher(*tensors, *tail(eps))[0].view(x.shape)
 
         return run
 
@@ -325,9 +337,7 @@ def _auto(call: Call) -> Family:
         if kernel is NUMBA:
             n = call.x.numel()
             small = n < backends.AUTO_MIN_ELEMENTS or (
-                n < backends.AUTO_TORCH_ELEMENTS[0 if call.spec.center else 1]
-                and call.spec.stats == "batch"
-                and TORCH.takes(call) is None
+                call.spec.stats == "batch" and TORCH.takes(call) is None and n < _torch_bound(call)
             )
         if not small and kernel.takes(call) is None:
             return kernel
@@ -342,6 +352,13 @@ def _auto(call: Call) -> Family:
                 "torch.onnx.export(..., dynamo=True), which exports every normlab layer"
             )
     return TORCH if TORCH.takes(call) is None else COMPOSITE
+
+
+def _torch_bound(call: Call) -> int:
+    """``AUTO_TORCH_ELEMENTS``'s entry for a call the torch family took (its layout set)."""
+    if isinstance(call.layout, spec.Layout):  # GroupNorm/InstanceNorm
+        return backends.AUTO_TORCH_ELEMENTS[2]
+    return backends.AUTO_TORCH_ELEMENTS[0 if call.spec.center else 1]
 
 
 def decide(call: Call) -> Family:
