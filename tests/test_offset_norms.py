@@ -210,8 +210,11 @@ def test_offset_argument_errors(cls):
         NF.rms_norm(x, (H,), None, offset=1.0)
     with pytest.raises(ValueError, match="needs a weight"):
         NF.layer_norm(x, (H,), None, offset=1.0)
-    with pytest.raises(TypeError, match="offset"):
-        NF.rms_norm(x, (H,), torch.ones(H), offset="1")
+    for bad in ("1", torch.tensor([1.0, 2.0]), False, None):
+        with pytest.raises(TypeError, match="offset"):
+            NF.rms_norm(x, (H,), torch.ones(H), offset=bad)
+    y = NF.rms_norm(x, (H,), torch.zeros(H), offset=torch.tensor(1.0))  # a 1-element tensor
+    torch.testing.assert_close(y, NF.rms_norm(x, (H,), torch.ones(H)))
 
 
 def test_module_gradient_flows_to_the_stored_weight():

@@ -31,7 +31,7 @@ def _feature_norm(
         )
     check_param(weight, shape, fn=fn, argument="weight")
     check_param(bias, shape, fn=fn, argument="bias")
-    if offset != 0.0:
+    if not (type(offset) in (float, int) and offset == 0):  # the default: one cheap test
         weight = offset_weight(fn, weight, offset)
     param_shape = norm_axes.param_shape(x.shape)
     weight = None if weight is None else weight.reshape(param_shape)
