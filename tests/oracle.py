@@ -24,10 +24,10 @@ BUFFERS = ("running_mean", "running_var", "running_phi", "running_grad_stat")
 
 # The positional order of each functional (to read calls written with defaults).
 DEFAULTS = {
-    "layer_norm": {"weight": None, "bias": None, "eps": 1e-5, "dim": None},
-    "rms_norm": {"weight": None, "eps": None, "dim": None},
-    "add_layer_norm": {"weight": None, "bias": None, "eps": 1e-5, "dim": None},
-    "add_rms_norm": {"weight": None, "eps": None, "dim": None},
+    "layer_norm": {"weight": None, "bias": None, "eps": 1e-5, "dim": None, "offset": 0.0},
+    "rms_norm": {"weight": None, "eps": None, "dim": None, "offset": 0.0},
+    "add_layer_norm": {"weight": None, "bias": None, "eps": 1e-5, "dim": None, "offset": 0.0},
+    "add_rms_norm": {"weight": None, "eps": None, "dim": None, "offset": 0.0},
     "batch_norm": {
         "weight": None,
         "bias": None,
@@ -109,7 +109,7 @@ def _mask(x, channel_axis, mask, lengths):
     return None if mask is None else f64(mask)
 
 
-SCALARS = ("eps", "momentum", "r_max", "d_max", "alpha_bkw")
+SCALARS = ("eps", "momentum", "r_max", "d_max", "alpha_bkw", "offset")
 
 
 def _full_args(fn, args):
@@ -130,7 +130,7 @@ def expected(fn: str, args: dict) -> Expected:
 
 def _feature(a, center):
     x = a["input"]
-    ns, dim, eps = a["normalized_shape"], a["dim"], a["eps"]
+    ns, dim, eps, offset = a["normalized_shape"], a["dim"], a["eps"], a["offset"]
     if eps is None:
         eps = float(torch.finfo(x.dtype).eps)
     w, b = f64(a["weight"]), f64(a.get("bias"))
@@ -140,15 +140,15 @@ def _feature(a, center):
     else:  # the sum is rounded to the input dtype before it is normalized
         s = f64(x.detach() + residual.detach())
     if center:
-        y = ref.layer_norm(s, ns, w, b, eps, dim)
+        y = ref.layer_norm(s, ns, w, b, eps, dim, offset)
     else:
-        y = ref.rms_norm(s, ns, w, eps, dim)
+        y = ref.rms_norm(s, ns, w, eps, dim, offset)
 
     def gradients(dy, dtotal=None):
         if center:
-            dx, dw, db = ref.layer_norm_backward(dy, s, ns, w, b, eps, dim)
+            dx, dw, db = ref.layer_norm_backward(dy, s, ns, w, b, eps, dim, offset)
         else:
-            dx, dw, db = ref.rms_norm_backward(dy, s, ns, w, eps, dim)
+            dx, dw, db = ref.rms_norm_backward(dy, s, ns, w, eps, dim, offset)
         grads = {"input": dx, "weight": dw, "bias": db}
         if residual is not None:
             total = dx if dtotal is None else dx + dtotal

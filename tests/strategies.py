@@ -148,6 +148,8 @@ def feature_calls(draw, fn, dtypes=FLOAT_DTYPES, max_size=5, long_axis=0, layout
         args["eps"] = draw(st.sampled_from([1e-5, 1e-6, 1e-3]))
     else:
         args["eps"] = draw(st.sampled_from([None, 1e-6, 1e-3]))
+    if args["weight"] is not None and draw(st.booleans()):
+        args["offset"] = draw(st.sampled_from([1.0, -0.5]))  # Gemma's (1 + weight) and another
     if fn.startswith("add_"):
         residual_layout = draw(st.sampled_from(layouts))
         args["residual"] = tensor(normal(rng, shape), dtype, residual_layout, rng, True)

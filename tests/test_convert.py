@@ -253,19 +253,20 @@ def test_lookalike_norms_converted_or_reported():
     assert kinds["llama"][0] == "normlab.RMSNorm"
     assert kinds["t5"][0] == "normlab.RMSNorm"
     assert kinds["ln"][0] == "normlab.LayerNorm"
-    assert kinds["gemma"][0] is None and "fold_offset=True" in kinds["gemma"][1]
+    assert kinds["gemma"] == ("normlab.RMSNorm", "scales by (1 + weight): offset=1.0, weight kept")
     assert kinds["odd"][0] is None and "matches neither" in kinds["odd"][1]
     assert converted.llama.eps == 1e-6 and not converted.llama.weight.requires_grad
     assert converted.ln.bias is not None
-    assert isinstance(converted.gemma, FakeGemmaRMSNorm)
-    assert "gemma: " in str(summary) and "skipped" in str(summary)
+    assert isinstance(converted.gemma, normlab.RMSNorm) and converted.gemma.offset == 1.0
+    torch.testing.assert_close(converted.gemma.weight, model.gemma.weight, rtol=0, atol=0)
+    assert "gemma: " in str(summary) and "odd: " in str(summary) and "skipped" in str(summary)
     assert list(converted.state_dict()) == list(model.state_dict())
 
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(converted(x), model(x), **tol(torch.float32))
 
     folded, folded_summary = convert(model, fold_offset=True)
-    assert isinstance(folded.gemma, normlab.RMSNorm)
+    assert isinstance(folded.gemma, normlab.RMSNorm) and folded.gemma.offset == 0.0
     assert "folded" in {e.name: e for e in folded_summary}["gemma"].reason
     torch.testing.assert_close(folded.gemma.weight, model.gemma.weight + 1)
     torch.testing.assert_close(folded(x), model(x), **tol(torch.float32))
@@ -329,21 +330,27 @@ def test_to_torch_skips_what_torch_cannot_express():
         normlab.PowerNorm(4),
         normlab.BatchRenorm1d(4),
         normlab.SyncBatchNorm(4, dim=-1),
+        normlab.RMSNorm(4, offset=1.0),
+        normlab.LayerNorm(4, offset=1.0),
     )
     converted, summary = convert(model, to="torch")
-    assert [e.converted for e in summary] == [False, True, True, False, False, False, False, False]
+    assert [e.converted for e in summary] == [False, True, True] + [False] * 7
     assert "dim=(1,)" in summary.entries[0].reason
     assert "virtual_batch_size=2" in summary.entries[4].reason
     assert "no torch.nn equivalent" in summary.entries[5].reason
+    for entry in summary.entries[8:]:
+        assert "offset=1.0" in entry.reason and "has no offset" in entry.reason
+    assert type(converted[8]) is normlab.RMSNorm and converted[8].offset == 1.0
     assert type(converted[1]) is nn.LayerNorm and type(converted[2]) is nn.RMSNorm
     assert converted[0] is not model[0] and isinstance(converted[0], normlab.LayerNorm)
-    with pytest.raises(ValueError, match=r"strict=True.*6 norm-like"):
+    with pytest.raises(ValueError, match=r"strict=True.*8 norm-like"):
         convert(model, to="torch", strict=True)
 
 
 def test_subclass_of_torch_norm_is_probed():
     """A subclass of torch.nn.LayerNorm may change forward: it is converted only when its
-    forward is found to compute a LayerNorm (with weight, or 1 + weight and fold_offset)."""
+    forward is found to compute a LayerNorm (with weight, or 1 + weight: offset=1.0, or
+    folded with fold_offset)."""
 
     class MyLN(nn.LayerNorm):
         pass
@@ -365,11 +372,13 @@ def test_subclass_of_torch_norm_is_probed():
             m.bias.normal_()
     converted, summary = convert(model)
     assert type(converted[0]) is normlab.LayerNorm and type(converted[2]) is Doubled
-    assert type(converted[1]) is OnePlusLN and "fold_offset=True" in summary.entries[1].reason
+    assert type(converted[1]) is normlab.LayerNorm and converted[1].offset == 1.0
+    assert "offset=1.0" in summary.entries[1].reason
     assert "matches neither" in summary.entries[2].reason
     folded, _ = convert(model, fold_offset=True)
-    assert type(folded[1]) is normlab.LayerNorm
+    assert type(folded[1]) is normlab.LayerNorm and folded[1].offset == 0.0
     x = torch.randn(5, 4)
+    torch.testing.assert_close(converted[1](x), model[1](x))
     torch.testing.assert_close(folded[0](x), model[0](x))
     torch.testing.assert_close(folded[1](x), model[1](x))
 

@@ -27,10 +27,24 @@ DECODER = dict(
 )
 
 # architecture -> (config class, config arguments, the norm classes it must hold,
-# fold_offset needed, the normlab class each becomes)
+# whether they scale by (1 + weight), the normlab class each becomes)
 ARCHITECTURES = {
     "llama": ("LlamaConfig", DECODER, {"LlamaRMSNorm"}, False, normlab.RMSNorm),
     "gemma": ("GemmaConfig", {**DECODER, "head_dim": 8}, {"GemmaRMSNorm"}, True, normlab.RMSNorm),
+    "gemma2": (
+        "Gemma2Config",
+        {**DECODER, "head_dim": 8, "sliding_window": 8},
+        {"Gemma2RMSNorm"},
+        True,
+        normlab.RMSNorm,
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {**DECODER, "head_dim": 8, "sliding_window": 8},
+        {"Gemma3RMSNorm"},
+        True,
+        normlab.RMSNorm,
+    ),
     "cohere": ("CohereConfig", DECODER, {"CohereLayerNorm"}, False, normlab.LayerNorm),
     "olmo": ("OlmoConfig", DECODER, {"OlmoLayerNorm"}, False, normlab.LayerNorm),
     "nemotron": (
@@ -59,7 +73,7 @@ ARCHITECTURES = {
 
 
 def build(arch: str):
-    config_name, kwargs, norm_classes, fold_offset, target = ARCHITECTURES[arch]
+    config_name, kwargs, norm_classes, offset, target = ARCHITECTURES[arch]
     config = getattr(transformers, config_name)(**kwargs)
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate"):
         if hasattr(config, name):
@@ -76,7 +90,7 @@ def build(arch: str):
             if is_source_norm(module, norm_classes):
                 for p in module.parameters(recurse=False):
                     p.normal_(0.0, 0.5)
-    return model, norm_classes, fold_offset, target
+    return model, norm_classes, offset, target
 
 
 def is_source_norm(module, norm_classes) -> bool:
@@ -96,15 +110,22 @@ def run(model, ids):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_hugging_face_model_converts_exactly(arch):
-    model, norm_classes, fold_offset, target = build(arch)
+    """By default; the (1 + weight) norms of Gemma and Nemotron become offset=1.0 ones."""
+    model, norm_classes, offset, target = build(arch)
     model.train()
-    converted, summary = normlab.convert(model, fold_offset=fold_offset, strict=True)
+    converted, summary = normlab.convert(model, strict=True)
     count = sum(is_source_norm(m, norm_classes) for m in model.modules())
     assert count > 0 and len(summary.converted) == count
     assert not any(is_source_norm(m, norm_classes) for m in converted.modules())
-    assert sum(type(m) is target for m in converted.modules()) == count
-    if not fold_offset:  # same parameter names and values: the checkpoint loads as is
-        converted.load_state_dict(model.state_dict())
+    new_norms = [m for m in converted.modules() if type(m) is target]
+    assert len(new_norms) == count
+    assert all(m.offset == (1.0 if offset else 0.0) for m in new_norms)
+    # same parameter names and values: checkpoints load both ways as they are
+    state, new_state = model.state_dict(), converted.state_dict()
+    assert list(new_state) == list(state)
+    for name, value in state.items():
+        assert torch.equal(new_state[name], value), name
+    converted.load_state_dict(state)
     ids = torch.randint(3, VOCAB, (2, 11))
     logits, grads = run(model, ids)
     new_logits, new_grads = run(converted, ids)
@@ -114,15 +135,62 @@ def test_hugging_face_model_converts_exactly(arch):
         torch.testing.assert_close(new_grads[name], grad, **grad_tol(torch.float32), msg=name)
 
 
-@pytest.mark.parametrize("arch", ["gemma", "nemotron"])
-def test_offset_norms_are_refused_without_fold_offset(arch):
+OFFSET_ARCHITECTURES = [arch for arch, spec in ARCHITECTURES.items() if spec[3]]
+
+
+@pytest.mark.parametrize("arch", OFFSET_ARCHITECTURES)
+def test_offset_norms_fold_on_request(arch):
+    """fold_offset=True: plain norms holding 1 + weight, the same logits."""
+    model, norm_classes, _, target = build(arch)
+    model.eval()
+    folded, summary = normlab.convert(model, fold_offset=True, strict=True)
+    count = sum(is_source_norm(m, norm_classes) for m in model.modules())
+    assert len(summary.converted) == count > 0
+    assert all("folded" in e.reason for e in summary.converted)
+    norms = [m for m in folded.modules() if type(m) is target]
+    assert len(norms) == count and all(m.offset == 0.0 for m in norms)
+    originals = {n: m for n, m in model.named_modules() if is_source_norm(m, norm_classes)}
+    for name, module in folded.named_modules():
+        if name in originals:
+            torch.testing.assert_close(module.weight, originals[name].weight + 1)
+    ids = torch.randint(3, VOCAB, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            folded(input_ids=ids).logits, model(input_ids=ids).logits, **tol(torch.float32)
+        )
+
+
+@pytest.mark.parametrize("arch", OFFSET_ARCHITECTURES)
+def test_offset_norms_in_bfloat16_compute_as_the_original(arch):
+    """A bfloat16 model converted by default: the norms scale by 1 + weight in float32 and
+    round once, as Gemma's do, so the logits equal the original's within bfloat16's
+    tolerance (and each norm's output within one rounding)."""
     model, norm_classes, _, _ = build(arch)
-    converted, summary = normlab.convert(model)
-    count = sum(is_source_norm(m, norm_classes) for m in converted.modules())
-    assert summary.converted == [] and len(summary.skipped) == count > 0
-    assert all("fold_offset=True" in e.reason for e in summary.skipped)
+    model = model.to(torch.bfloat16).eval()
+    converted, _ = normlab.convert(model, strict=True)
+    ids = torch.randint(3, VOCAB, (2, 11))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = converted(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), **tol(torch.bfloat16))
+    source = next(m for m in model.modules() if is_source_norm(m, norm_classes))
+    new = normlab.convert(source)[0]
+    x = torch.randn(4, 7, source.weight.numel()).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), source(x), **tol(torch.bfloat16))
+
+
+def test_offset_model_to_torch_leaves_the_offset_norms():
+    """torch.nn has no offset norm: to="torch" leaves them, with the reason."""
+    model, norm_classes, _, _ = build("gemma")
+    converted, _ = normlab.convert(model)
+    _, summary = normlab.convert(converted, to="torch")
+    count = sum(is_source_norm(m, norm_classes) for m in model.modules())
+    assert summary.converted == [] and len(summary.skipped) == count
+    assert all("has no offset" in e.reason for e in summary.skipped)
     with pytest.raises(ValueError, match="cannot be converted"):
-        normlab.convert(model, strict=True)
+        normlab.convert(converted, to="torch", strict=True)
 
 
 def test_round_trip_to_torch_keeps_the_model():

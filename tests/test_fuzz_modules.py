@@ -75,6 +75,8 @@ def _valid(cls, name, draw):
         return draw(st.sampled_from([1.0, 3.0, math.inf]))
     if name == "dim":
         return draw(st.sampled_from([None, 1, -1])) if "Norm" in cls.__name__ else 1
+    if name == "offset":
+        return draw(st.sampled_from([0.0, 1.0]))
     return inspect.signature(cls.__init__).parameters[name].default
 
 

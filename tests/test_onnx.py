@@ -5,7 +5,7 @@ run the call eagerly (the Numba kernels above 32K elements, the composite below)
 exported graph holds standard ONNX normalization ops where one exists
 (``normlab.onnx_ops`` in the docs: LayerNormalization, RMSNormalization at opset 23,
 BatchNormalization, GroupNormalization, InstanceNormalization) and plain arithmetic for the
-masked norms."""
+masked norms. Offset norms export as the norm with an Add of the offset to the weight."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ class EveryNorm(torch.nn.Module):
         self.group = normlab.GroupNorm(8, C)
         self.instance = normlab.InstanceNorm1d(C, affine=True)
         self.power = normlab.PowerNorm(C, warmup_iters=0)
+        self.gemma = normlab.RMSNorm(C, eps=1e-6, offset=1.0)  # scales by 1 + weight
+        self.layer_1p = normlab.LayerNorm(C, offset=1.0)  # Nemotron's LayerNorm1P
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for module in self.modules():
@@ -62,6 +64,8 @@ class EveryNorm(torch.nn.Module):
             self.instance(t),
             self.instance(t, mask=mask),
             self.power(x),
+            self.gemma(x),
+            self.layer_1p(x),
         )
 
 

@@ -180,10 +180,10 @@ def test_loading_a_checkpoint_with_extra_keys_is_refused_when_strict():
 @pytest.mark.parametrize("name", CLASS_NAMES)
 def test_constructor_signature_defaults_equal_torch(name):
     """torch's arguments, in torch's order with torch's defaults; normlab's additions
-    (``dim``, ``virtual_batch_size``) are keyword-only extras."""
+    (``dim``, ``virtual_batch_size``, ``offset``) are keyword-only extras."""
     ours = inspect.signature(getattr(normlab, name).__init__).parameters
     theirs = inspect.signature(getattr(nn, name).__init__).parameters
-    extras = {"dim", "virtual_batch_size"}
+    extras = {"dim", "virtual_batch_size", "offset"}
     ours_torch_part = [(p.name, p.kind, p.default) for p in ours.values() if p.name not in extras]
     assert ours_torch_part == [(p.name, p.kind, p.default) for p in theirs.values()]
     assert all(ours[name].kind is inspect.Parameter.KEYWORD_ONLY for name in extras & set(ours))

@@ -84,10 +84,12 @@ def convert(
       deviations 1 and 0.01, so eps matters); it becomes ``normlab.RMSNorm`` when it equals
       RMSNorm with that weight and eps (within 1e-5), ``normlab.LayerNorm`` when it equals
       LayerNorm (with its ``bias`` if it has one). A forward equal to the norm with
-      ``1 + weight`` (Gemma's RMSNorm, Nemotron's LayerNorm1P) is skipped unless
-      ``fold_offset=True``, which builds the norm with ``weight + 1`` and says so in the
-      summary: the outputs match, but the converted state_dict holds ``1 + w``, so an
-      original checkpoint no longer loads into the converted model as is.
+      ``1 + weight`` (Gemma's, Gemma 2's and Gemma 3's RMSNorm, Nemotron's LayerNorm1P)
+      becomes the normlab norm with ``offset=1.0``: it keeps ``weight`` as it is, so the
+      state_dict keys and values are the original's (checkpoints load both ways), and
+      computes as Gemma does (``1 + weight`` in float32 for a half weight). With
+      ``fold_offset=True`` it becomes a plain norm holding ``weight + 1`` instead, as the
+      summary says: the outputs match, but an original checkpoint no longer loads as is.
     - a module with no parameters, buffers or children and a ``normalized_shape`` or an eps
       attribute (OLMo's LayerNorm): it becomes a normlab LayerNorm/RMSNorm without affine
       when a probe finds it computes one. Without an eps attribute, eps is searched among
@@ -99,8 +101,9 @@ def convert(
 
     ``to="torch"`` converts normlab's LayerNorm, RMSNorm, BatchNorm1d/2d/3d, SyncBatchNorm,
     GroupNorm and InstanceNorm1d/2d/3d. Left in place with the reason: a LayerNorm/RMSNorm
-    whose ``dim`` is not the trailing axes, a BatchNorm1d/2d/3d with ``virtual_batch_size``,
-    a SyncBatchNorm with ``dim != 1``, and the normlab norms without a torch.nn twin
+    whose ``dim`` is not the trailing axes or with an ``offset`` (torch.nn has none; with
+    ``strict=True`` that raises), a BatchNorm1d/2d/3d with ``virtual_batch_size``, a
+    SyncBatchNorm with ``dim != 1``, and the normlab norms without a torch.nn twin
     (BatchNorm with any rank, BatchRenorm*, PowerNorm).
 
     Args:
@@ -109,7 +112,8 @@ def convert(
         inplace: modify ``model`` itself; by default it is deep-copied first.
         strict: raise ``ValueError`` (naming every module) when a norm-like module would be
             left unconverted; the model is then not modified.
-        fold_offset: convert Gemma-style ``(1 + weight)`` RMSNorms (see above).
+        fold_offset: convert Gemma-style ``(1 + weight)`` norms to plain ones holding
+            ``1 + weight`` rather than to ``offset=1.0`` ones (see above).
 
     The new modules keep the device, dtype, parameter values, ``requires_grad``, buffers
     and training mode. A module shared at several places stays shared. Hooks registered on a

@@ -119,6 +119,11 @@ def _torch_args(m: nn.Module) -> tuple[tuple, dict]:
 
 
 def _torch_incompatibility(m: nn.Module) -> str:
+    if isinstance(m, (LayerNorm, RMSNorm)) and m.offset != 0:
+        return (
+            f"offset={m.offset} (scales by offset + weight): torch.nn.{type(m).__name__} has "
+            "no offset; convert(..., fold_offset=True) from the original model folds it"
+        )
     if isinstance(m, (LayerNorm, RMSNorm)) and m.dim is not None:
         trailing = tuple(range(-len(m.normalized_shape), 0))
         if tuple(m.dim) != trailing:

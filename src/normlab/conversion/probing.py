@@ -72,24 +72,26 @@ def convert_lookalike(name: str, module: nn.Module, fold_offset: bool):
     if match.startswith("error"):
         return skip(f"looks like a norm but its forward failed on a (3, {hidden}) probe: {match}")
     offset = match.endswith("_offset")
-    if offset and not fold_offset:
-        base = "RMSNorm" if match.startswith("rms") else "LayerNorm"
-        return skip(
-            f"computes {base} with (1 + weight) (Gemma-style offset), which normlab.{base} "
-            "has not; convert(..., fold_offset=True) folds it into weight"
-        )
+    fold = offset and fold_offset
+    # (1 + weight): normlab's offset=1.0 keeps the weight (and the state_dict) as it is;
+    # fold_offset=True stores 1 + weight in a plain norm instead.
+    kept = 1.0 if offset and not fold else 0.0
     factory = {"device": weight.device, "dtype": weight.dtype}
     with torch.no_grad():
         if match.startswith("layer_norm"):
-            new = LayerNorm(hidden, eps, True, bias is not None, **factory)
+            new = LayerNorm(hidden, eps, True, bias is not None, **factory, offset=kept)
             if bias is not None:
                 new.bias.copy_(bias)
                 new.bias.requires_grad_(bias.requires_grad)
         else:
-            new = RMSNorm(hidden, eps, True, **factory)
-        new.weight.copy_(weight + 1 if offset else weight)
+            new = RMSNorm(hidden, eps, True, **factory, offset=kept)
+        new.weight.copy_(weight + 1 if fold else weight)
         new.weight.requires_grad_(weight.requires_grad)
-    note = "folded the (1 + weight) offset: new weight = 1 + old weight" if offset else ""
+    note = ""
+    if fold:
+        note = "folded the (1 + weight) offset: new weight = 1 + old weight"
+    elif offset:
+        note = "scales by (1 + weight): offset=1.0, weight kept"
     new.train(module.training)
     return new, ConversionEntry(name, source, class_name(type(new)), note)
 

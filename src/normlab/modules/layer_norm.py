@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,11 +15,24 @@ from normlab.modules.affine import register_affine, reset_affine
 
 
 class _FeatureNorm(nn.Module):
-    """Shared constructor of the norms over one sample's features (weight of normalized_shape)."""
+    """Shared constructor of the norms over one sample's features (weight of normalized_shape).
+    ``offset``: the norm scales by ``offset + weight`` (Gemma, Nemotron: 1); the parameter
+    is stored as given, so state_dicts are the original model's."""
 
-    def __init__(self, normalized_shape, eps, elementwise_affine, bias, dim, device, dtype):
+    offset = 0.0  # modules pickled before offset existed
+
+    def __init__(
+        self, normalized_shape, eps, elementwise_affine, bias, dim, device, dtype, offset=0.0
+    ):
         super().__init__()
         owner = type(self).__name__
+        check_real(owner, "offset", offset, -math.inf)
+        if offset != 0 and not elementwise_affine:
+            raise ValueError(
+                f"{owner}: offset={offset!r} needs elementwise_affine=True (the norm scales by "
+                "offset + weight)"
+            )
+        self.offset = float(offset)
         check_common(
             owner,
             eps=eps,
@@ -37,9 +51,13 @@ class _FeatureNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         reset_affine(self)
+        if self.offset != 0 and self.weight is not None:
+            with torch.no_grad():  # offset + weight starts at 1 (Gemma's zeros for offset 1)
+                self.weight.sub_(self.offset)
 
     def _dim_repr(self) -> str:
-        return "" if self.dim is None else f", dim={self.dim if len(self.dim) > 1 else self.dim[0]}"
+        dim = "" if self.dim is None else f", dim={self.dim if len(self.dim) > 1 else self.dim[0]}"
+        return dim + (f", offset={self.offset}" if self.offset != 0 else "")
 
 
 class LayerNorm(_FeatureNorm):
@@ -58,6 +76,9 @@ class LayerNorm(_FeatureNorm):
             ``normalized_shape``. Default True.
         bias: whether the affine has a bias. Default True.
         dim: the axis (or increasing axes) that ``normalized_shape`` describes. Default None.
+        offset: scale by ``offset + weight`` instead of ``weight`` (Nemotron's LayerNorm1P:
+            1.0); ``weight`` is stored as is and initialized to ``1 - offset``. Needs
+            ``elementwise_affine``. Default 0.0.
 
     Shape: input ``(*)`` with ``input.shape[d] == normalized_shape[i]`` for ``d = dim[i]``;
     output of the same shape and dtype.
@@ -73,13 +94,22 @@ class LayerNorm(_FeatureNorm):
         dtype=None,
         *,
         dim: int | Sequence[int] | None = None,
+        offset: float = 0.0,
     ) -> None:
         check_real(type(self).__name__, "eps", eps, 0.0)  # None is RMSNorm's only
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, dim, device, dtype)
+        super().__init__(
+            normalized_shape, eps, elementwise_affine, bias, dim, device, dtype, offset
+        )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(
-            input, self.normalized_shape, self.weight, self.bias, self.eps, dim=self.dim
+            input,
+            self.normalized_shape,
+            self.weight,
+            self.bias,
+            self.eps,
+            dim=self.dim,
+            offset=self.offset,
         )
 
     def extra_repr(self) -> str:
@@ -97,6 +127,9 @@ class RMSNorm(_FeatureNorm):
 
     over the axes ``dim`` (default: the last ``len(normalized_shape)`` axes).
     ``eps=None`` (the default, as ``torch.nn.RMSNorm``) uses ``torch.finfo(input.dtype).eps``.
+    ``offset=1.0`` is Gemma's RMSNorm: it scales by ``1 + weight`` (computed in float32 for
+    a half weight, the product rounded to the input dtype once, as Gemma does); ``weight`` is
+    stored as is (initialized to ``1 - offset``), so Gemma checkpoints load unchanged.
     """
 
     def __init__(
@@ -108,11 +141,16 @@ class RMSNorm(_FeatureNorm):
         dtype=None,
         *,
         dim: int | Sequence[int] | None = None,
+        offset: float = 0.0,
     ) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, False, dim, device, dtype)
+        super().__init__(
+            normalized_shape, eps, elementwise_affine, False, dim, device, dtype, offset
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, dim=self.dim)
+        return F.rms_norm(
+            x, self.normalized_shape, self.weight, self.eps, dim=self.dim, offset=self.offset
+        )
 
     def extra_repr(self) -> str:
         return (

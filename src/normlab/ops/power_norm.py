@@ -104,8 +104,9 @@ def apply(family: str, call, nu, alpha_bkw) -> torch.Tensor:
 
 # Under torch.compile this op stays eager (a graph break): its backward updates the nu buffer
 # in place, and a traced version (aot_eager, torch 2.13) gave different gradients and nu
-# than eager; correctness first.
-@torch.compiler.disable
+# than eager; correctness first. torch._disable_dynamo is torch.compiler.disable that imports
+# torch._dynamo (seconds) at the first call instead of at import of normlab.
+@torch._disable_dynamo
 def power_norm_approx(spec, x, weight, bias, phi, nu, eps, alpha_bkw, mask=None):
     """y = weight * x / sqrt(phi + eps) + bias with PowerNorm's approximate backward.
 

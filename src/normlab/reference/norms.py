@@ -33,24 +33,43 @@ def _feature_axes(x, normalized_shape, dim):
     return feature_norm_axes(np.ndim(x), shape, as_dims(dim, len(shape)))
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, dim=None):
+def _offset_weight(weight, offset):
+    """The weight the norm multiplies by: ``offset + weight`` (Gemma's ``1 + w``, Nemotron's
+    LayerNorm1P). d(offset + weight) / d weight is 1, so dweight is unchanged by the offset.
+    An offset needs a weight (normlab raises for one without)."""
+    if offset == 0:
+        return weight
+    if weight is None:
+        raise ValueError("offset needs a weight")
+    return _f64(weight) + offset
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, dim=None, offset=0.0):
+    """``(x - mean) / sqrt(var + eps) * (offset + weight) + bias``."""
+    weight = _offset_weight(weight, offset)
     return normalize(x, _feature_axes(x, normalized_shape, dim), weight, bias, eps)
 
 
-def layer_norm_backward(dy, x, normalized_shape, weight=None, bias=None, eps=1e-5, dim=None):
+def layer_norm_backward(
+    dy, x, normalized_shape, weight=None, bias=None, eps=1e-5, dim=None, offset=0.0
+):
+    weight = _offset_weight(weight, offset)
     return normalize_backward(dy, x, _feature_axes(x, normalized_shape, dim), weight, bias, eps)
 
 
 # --- RMSNorm: LayerNorm without centring and without bias --------------------------------
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, dim=None):
+def rms_norm(x, normalized_shape, weight=None, eps=None, dim=None, offset=0.0):
+    """``x / sqrt(mean(x^2) + eps) * (offset + weight)``."""
     axes = _feature_axes(x, normalized_shape, dim)
+    weight = _offset_weight(weight, offset)
     return normalize(x, axes, weight, None, _default_rms_eps(x, eps), center=False)
 
 
-def rms_norm_backward(dy, x, normalized_shape, weight=None, eps=None, dim=None):
+def rms_norm_backward(dy, x, normalized_shape, weight=None, eps=None, dim=None, offset=0.0):
     axes = _feature_axes(x, normalized_shape, dim)
+    weight = _offset_weight(weight, offset)
     dx, dweight, _ = normalize_backward(
         dy, x, axes, weight, None, _default_rms_eps(x, eps), center=False
     )
