@@ -53,6 +53,11 @@ AUTO_MIN_ELEMENTS = 1 << 15
 # 2 cores, docs/benchmarks.md). torch's CPU RMSNorm is not fused, hence the lower bound.
 AUTO_TORCH_ELEMENTS = (1 << 20, 1 << 18)
 
+# (LayerNorm, RMSNorm) over one axis that is not the last (channels-first, the column
+# kernels): the same rule, but torch's path there moves the axis last and copies, so the
+# Numba kernel wins sooner (measured, docs/benchmarks.md).
+AUTO_TORCH_COLUMN_ELEMENTS = (1 << 15, 1 << 15)
+
 
 class _State(threading.local):
     backend: str | None = None  # set by ``use`` (a class default: no failed lookup per call)

@@ -72,6 +72,7 @@ def key(fn: str, x, normalized_shape, weight, bias, eps, dim):
         backends.get_backend(),
         backends.AUTO_MIN_ELEMENTS,
         backends.AUTO_TORCH_ELEMENTS,
+        backends.AUTO_TORCH_COLUMN_ELEMENTS,
     )
 
 

@@ -40,8 +40,12 @@ KERNEL_DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
 
-# Layouts whose custom ops have a Triton implementation (``kernel_ops.TRITON``).
+# Layouts whose custom ops have a Triton implementation (``kernel_ops.TRITON``); "columns"
+# (LayerNorm/RMSNorm over a non-trailing axis) is Numba-only.
 TRITON_LAYOUTS = frozenset({"rows", "groups", "channels"})
+
+# layout kind -> the forward op a plan runs (``_kernel_plan``)
+PLAN_OPS = {"rows": "row_norm", "columns": "column_norm"}
 
 ADD_REASON = "the fused add needs the normalized axes trailing and a contiguous residual"
 
@@ -174,6 +178,9 @@ def _kernel_forward(family: str):
         if layout.kind == "rows":
             y, mean, rstd = kernel_ops.row_norm(view, w, b, eps, call.spec.center, family)
             var = rstd.pow(-2) - eps  # for the record only: no caller of rows uses it
+        elif layout.kind == "columns":
+            y, mean, rstd = kernel_ops.column_norm(view, w, b, eps, call.spec.center, family)
+            var = rstd.pow(-2) - eps
         elif layout.kind == "groups":
             m = layout.kernel_mask(x, call.mask)
             y, mean, var, _ = kernel_ops.group_norm(view, w, b, layout.groups, eps, m, family)
@@ -208,11 +215,14 @@ def _kernel_add(family: str):
 
 def _kernel_plan(family: str):
     def plan(call: Call):
-        """Rows kernels only: the view is fixed by the plan key (shape, contiguity)."""
-        if call.layout.kind != "rows" or call.stats or call.residual is not None:
+        """Rows and columns kernels: the view is fixed by the plan key (shape, contiguity)."""
+        kind = call.layout.kind
+        if kind not in PLAN_OPS or call.stats or call.residual is not None:
             return None
         view, center, shape = call.layout.view, call.spec.center, call.x.shape
-        launcher = kernel_ops.implementation(family, "row_norm")
+        name = PLAN_OPS[kind]
+        op = getattr(kernel_ops, name)
+        launcher = kernel_ops.implementation(family, name)
 
         def run(x, weight, bias, eps):
             backends.record(family)
@@ -223,7 +233,7 @@ def _kernel_plan(family: str):
                 or (w is not None and w.requires_grad)
                 or (b is not None and b.requires_grad)
             ):
-                y = kernel_ops.row_norm(x.view(view), w, b, eps, center, family)[0]
+                y = op(x.view(view), w, b, eps, center, family)[0]
             else:  # no graph to record: the launcher itself, without the op's dispatch
                 y = launcher(x.view(view), w, b, eps, center)[0]
             return y.view(shape)
@@ -306,7 +316,8 @@ def _exporting_onnx() -> str | None:
 def _auto(call: Call) -> Family:
     """ "auto": the fused kernel of the input's device (Triton on CUDA; Numba on the CPU
     from ``AUTO_MIN_ELEMENTS`` elements on, below which a launch costs more than it saves;
-    LayerNorm/RMSNorm that torch's ops take from ``AUTO_TORCH_ELEMENTS`` on) where it takes
+    LayerNorm/RMSNorm that torch's ops take from ``AUTO_TORCH_ELEMENTS`` on, over one
+    non-trailing axis from ``AUTO_TORCH_COLUMN_ELEMENTS`` on) where it takes
     the call, else torch's own op where it computes the same thing, else the
     composite. Under ONNX export, torch's ops (they export as standard ONNX normalization
     ops) or the composite (plain arithmetic): never a custom op ONNX does not know."""
@@ -317,11 +328,16 @@ def _auto(call: Call) -> Family:
         small = False
         if kernel is NUMBA:
             n = call.x.numel()
-            small = n < backends.AUTO_MIN_ELEMENTS or (
-                n < backends.AUTO_TORCH_ELEMENTS[0 if call.spec.center else 1]
-                and call.spec.stats == "batch"
-                and TORCH.takes(call) is None
-            )
+            small = n < backends.AUTO_MIN_ELEMENTS
+            if not small and call.spec.stats == "batch" and TORCH.takes(call) is None:
+                # torch's op on the trailing axes (layout -1), or on one moved axis (the
+                # column kernels' calls, where torch pays a permuted copy)
+                bounds = (
+                    backends.AUTO_TORCH_ELEMENTS
+                    if call.layout == -1
+                    else backends.AUTO_TORCH_COLUMN_ELEMENTS
+                )
+                small = n < bounds[0 if call.spec.center else 1]
         if not small and kernel.takes(call) is None:
             return kernel
     elif exporting == "torchscript":
