@@ -265,6 +265,13 @@ def test_the_columns_layout():
     assert isinstance(layout(NormSpec((1,), (1,), stats="given"), (3, 8, 4), True), str)
     assert isinstance(layout(NormSpec((1,), (1,), masked=True), (3, 8, 4), True), str)
     assert isinstance(layout(NormSpec((1, 2), (1, 2)), (3, 8, 4, 5), True), str)
+    # statistics per channel over the batch axis (PowerNorm's warmup) are not a feature norm
+    warmup = NormSpec((0,), (1,), center=False)
+    assert layout(warmup, (16, 8), affine=False) == (
+        "the reduction axes are not the trailing axes; not a (N, G, *reduced) layout; "
+        "channel kernels compute centred statistics (PowerNorm uses the composite); "
+        "the feature axes are not the normalized axis"
+    )
 
 
 def test_numba_runs_and_triton_refuses_with_the_reason(monkeypatch):

@@ -163,9 +163,10 @@ def _columns(spec: NormSpec, shape, affine: bool) -> Layout | str:
         return "not one reduced axis before the last"
     if spec.stats != "batch" or spec.masked:
         return "column kernels take neither given statistics nor a mask"
+    if spec.feature != spec.reduction:
+        # e.g. PowerNorm's warmup over (N, C): statistics per channel, not a feature norm
+        return "the feature axes are not the normalized axis"
     (d,) = spec.reduction
-    if affine and spec.feature != spec.reduction and _varies(shape, set(spec.feature) ^ {d}):
-        return "the parameters do not vary along the normalized axis alone"
     a, b = math.prod(shape[:d]), math.prod(shape[d + 1 :])
     return Layout("columns", (a, shape[d], b))
 
