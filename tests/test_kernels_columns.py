@@ -307,3 +307,35 @@ def test_auto_threshold_for_columns(monkeypatch):
         x = torch.randn(4, 32, 32, 16).transpose(2, 3)  # not contiguous: torch
         F.layer_norm(x, (32,), dim=1)
         assert backends.last_used() == "torch"
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_a_planned_column_call_gives_the_full_paths_result(name, monkeypatch):
+    """A channels-first signature is decided once (``normlab.backends.plans``); the later
+    calls run the column kernel's plan runner, with and without a gradient, bit for bit."""
+    from normlab.backends import plans
+
+    seen = []
+    decide = registry.decide
+    monkeypatch.setattr(registry, "decide", lambda call: seen.append(call) or decide(call))
+    fn = getattr(F, name)
+    x0 = torch.randn(3, 8, 5, 6, dtype=torch.float64) * 3 + 2
+    w0 = torch.randn(8, dtype=torch.float64)
+    plans.clear()
+    results = []
+    with backends.use("auto"):
+        for _ in range(3):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = fn(x, (8,), w, dim=1)
+            assert backends.last_used() == "numba"
+            (y * torch.arange(6.0, dtype=torch.float64)).sum().backward()
+            results.append((y.detach(), x.grad, w.grad))
+        with torch.no_grad():
+            for _ in range(2):
+                backends.record(None)
+                results.append((fn(x0, (8,), w0, dim=1),))
+                assert backends.last_used() == "numba"
+    assert len(seen) == 1  # decided once; the other calls ran the plan
+    for got in results[1:]:
+        for t, u in zip(got, results[0], strict=False):
+            torch.testing.assert_close(t, u, rtol=0, atol=0)
