@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds
+from normlab.kernels.cpu.common import div, rsqrt, serial_chunk_bounds
 from normlab.kernels.cpu.runtime import kernel, serial
 
 # The C rows of one block of positions of one input array fit in about this many bytes: the
@@ -54,6 +54,22 @@ def _check(x, per_channel, mean, rstd):
         raise ValueError("columns: weight and bias need x.shape[1] elements")
     if mean.shape[0] != A or mean.shape[1] != B or rstd.shape[0] != A or rstd.shape[1] != B:
         raise ValueError("columns: mean and rstd must have shape (A, B)")
+
+
+@serial
+def _add_chunks(partial, out):
+    """out = partial[0] + partial[1] + ... in chunk order. A serial loop: np.zeros in a
+    parallel kernel is a parallel region of its own (a wake-up and a barrier, costly on a
+    loaded machine)."""
+    acc = np.empty(partial.shape[1])
+    for j in range(acc.shape[0]):
+        acc[j] = 0.0
+    for k in range(partial.shape[0]):
+        p = partial[k]
+        for j in range(acc.shape[0]):
+            acc[j] += p[j]
+    for j in range(acc.shape[0]):
+        out[j] = acc[j]
 
 
 @kernel
@@ -111,10 +127,13 @@ def column_norm_backward(dy, x, weight, mean, rstd, center, dx, dweight, dbias):
     tasks = A * nb
     chunks, size = serial_chunk_bounds(tasks)
     inv = div(1.0, C)
-    partial = np.zeros((chunks, 2, C))
+    partial = np.empty((chunks, 2, C))  # each chunk zeroes its own (no parallel np.zeros)
     for k in prange(chunks):
         pw = partial[k, 0]
         pb = partial[k, 1]
+        for c in range(C):
+            pw[c] = 0.0
+            pb[c] = 0.0
         sd = np.empty(bl)
         sg = np.empty(bl)
         sgd = np.empty(bl)
@@ -167,5 +186,5 @@ def column_norm_backward(dy, x, weight, mean, rstd, center, dx, dweight, dbias):
                     sb += e
                 pw[c] += sw
                 pb[c] += sb
-    add_blocks(partial[:, 0], dweight)
-    add_blocks(partial[:, 1], dbias)
+    _add_chunks(partial[:, 0], dweight)
+    _add_chunks(partial[:, 1], dbias)
