@@ -56,9 +56,9 @@ AUTO_TORCH_ELEMENTS = (1 << 20, 1 << 18)
 
 # (LayerNorm, RMSNorm) over one axis that is not the last (channels-first, the column
 # kernels): the same rule, but torch's path there moves the axis last and pays a permuted
-# copy, so the Numba kernel wins from about AUTO_MIN_ELEMENTS on (measured 2026-12-04 on
-# a shared 2-core machine, float32 (N, C, 16, 16): at 32K elements 1.5x torch's forward and
-# 0.9-1.05x its forward+backward, at 64K 1.0-1.5x, at 128K 1.5-2x).
+# copy, so the Numba kernel is at least even from AUTO_MIN_ELEMENTS on (measured 2026-12-04
+# on a shared 2-core machine, float32 (N, C, 16, 16), torch time / kernel time: at 16K
+# elements 0.84-1.10, at 32K 1.01-1.61, at 64K and above 1.2-2.5; docs/benchmarks.md).
 AUTO_TORCH_COLUMN_ELEMENTS = (1 << 15, 1 << 15)
 
 
