@@ -45,7 +45,7 @@ def _seed_and_backend(backend, monkeypatch):
     any size here (the tests' inputs are small; the size rule has its own test)."""
     torch.manual_seed(0)
     monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (0, 0))
+    monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (0, 0, 0))
     monkeypatch.setattr(backends, "AUTO_TORCH_COLUMN_ELEMENTS", (0, 0))
     plans.clear()  # a test may change what a family takes (availability, thresholds)
     with backends.use(backend):

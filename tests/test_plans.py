@@ -121,7 +121,7 @@ def test_the_backend_and_the_thresholds_are_part_of_the_decision(monkeypatch):
     with backends.use("auto"):
         F.layer_norm(x, (64,))
         assert backends.last_used() == "numba"  # conftest: the kernels from 0 elements
-        monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (1 << 20, 1 << 18))
+        monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (1 << 20, 1 << 18, 1 << 20))
         F.layer_norm(x, (64,))
         assert backends.last_used() == "torch"
     with backends.use("composite"):
@@ -177,3 +177,99 @@ def test_the_memo_is_bounded(monkeypatch):
         F.layer_norm(torch.randn(n, 8), (8,))
     assert 0 < len(plans._plans) <= 4
     assert _unplanned(F.layer_norm, torch.ones(2, 8), (8,)).abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "numba", "composite"])
+def test_batch_norm_eval_is_planned_exact_and_differentiable(backend, decisions):
+    """BatchNorm with running statistics: decided once per signature, and exact on data far
+    from zero in float32 (torch's own eval op loses 0.1 there; normlab hands it x - mean)."""
+    x0 = (1e4 + 1e-3 * torch.randn(4, 6, 50, dtype=torch.float64)).float()
+    mean = x0.double().mean((0, 2)).float()
+    var = x0.double().var((0, 2), unbiased=False).float()
+    w, b = torch.randn(6), torch.randn(6)
+    want = torch.nn.functional.batch_norm(
+        x0.double(), mean.double(), var.double(), w.double(), b.double()
+    )
+    outs, grads = [], []
+    with backends.use(backend):
+        for _ in range(3):
+            x, wg = x0.clone().requires_grad_(), w.clone().requires_grad_()
+            y = F.batch_norm(x, mean, var, wg, b)
+            y.sum().backward()
+            outs.append(y.detach())
+            grads.append((x.grad, wg.grad))
+        with torch.no_grad():
+            outs.append(F.batch_norm(x0, mean, var, w, b))
+    assert len(decisions) == (4 if backend == "composite" else 1)
+    for y in outs:
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-6)
+    for got in grads[1:]:
+        for a, c in zip(got, grads[0], strict=True):
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][0], (w / (var + 1e-5).sqrt())[:, None].expand(4, 6, 50))
+
+
+def test_batch_norm_module_in_eval_uses_its_plan_after_a_training_step(decisions):
+    m = normlab.BatchNorm1d(6)
+    x = torch.randn(8, 6, 5)
+    m(x)  # training: batch statistics, not planned
+    m.eval()
+    first = m(x)
+    n = len(decisions)
+    torch.testing.assert_close(m(x), first, rtol=0, atol=0)
+    assert len(decisions) == n
+    with torch.no_grad():
+        m.running_mean.add_(1.0)  # new values, same signature: the plan reads them
+    torch.testing.assert_close(m(x), first - 1.0 / (m.running_var + m.eps).sqrt()[:, None])
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "numba"])
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_group_and_instance_norm_are_planned_and_exact(norm, backend, decisions):
+    """GroupNorm/InstanceNorm without a mask: decided once per signature; torch's op is
+    handed each group shifted by its first element (its own float32 op loses 0.16 on
+    1e4 + 1e-3 noise)."""
+    x0 = (1e4 + 1e-3 * torch.randn(2, 6, 5, 7, dtype=torch.float64)).float()
+    w, b = torch.randn(6), torch.randn(6)
+    if norm == "group":
+
+        def run(x, w):
+            return F.group_norm(x, 3, w, b.to(x.dtype))
+
+        want = torch.nn.functional.group_norm(x0.double(), 3, w.double(), b.double())
+    else:
+
+        def run(x, w):
+            return F.instance_norm(x, weight=w, bias=b.to(x.dtype))
+
+        want = torch.nn.functional.instance_norm(x0.double(), weight=w.double(), bias=b.double())
+    outs, grads = [], []
+    with backends.use(backend):
+        for _ in range(3):
+            x, wg = x0.clone().requires_grad_(), w.clone().requires_grad_()
+            y = run(x, wg)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            outs.append(y.detach())
+            grads.append((x.grad, wg.grad))
+        with torch.no_grad():
+            outs.append(run(x0, w))
+        ran = backends.last_used()
+    assert ran == ("numba" if backend == "auto" else backend)  # conftest: kernels from 0
+    assert len(decisions) == 1
+    for y in outs:
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-5)
+    for got in grads[1:]:
+        for a, c in zip(got, grads[0], strict=True):
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+    x = x0[:1, :, :2, :3].double().requires_grad_()
+    with backends.use(backend if backend != "numba" else "torch"):
+        torch.autograd.gradgradcheck(lambda x: run(x, w.double()), (x,))
+
+
+def test_group_norm_keeps_channels_last_on_a_planned_call():
+    m = normlab.GroupNorm(2, 4)
+    x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    first, again = m(x), m(x)
+    for y in (first, again):
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)

@@ -15,7 +15,7 @@ from normlab.spec import NormSpec, layout
 SIZES = {"small": (4, 8, 4), "large": (16, 64, 64), "huge": (64, 64, 256)}
 AUTO_DEFAULTS = {
     "AUTO_MIN_ELEMENTS": 1 << 15,
-    "AUTO_TORCH_ELEMENTS": (1 << 20, 1 << 18),
+    "AUTO_TORCH_ELEMENTS": (1 << 20, 1 << 18, 1 << 20),
     "AUTO_TORCH_COLUMN_ELEMENTS": (1 << 15, 1 << 15),
 }
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16}
@@ -85,7 +85,8 @@ def routing_table(device: str = "cpu") -> dict[str, str]:
 
 # The CPU routing under "auto" (C: composite, N: numba, T: torch's own ops), per call, for
 # f32 f64 bf16 at the small size, then at the large size, then at the huge size. LayerNorm/
-# RMSNorm stay with torch's op up to AUTO_TORCH_ELEMENTS, where the Numba kernels win.
+# RMSNorm/GroupNorm/InstanceNorm stay with torch's op up to AUTO_TORCH_ELEMENTS, where the
+# Numba kernels win.
 CPU_ROUTES = {
     "layer_norm": "T T T T T T N N T",
     "layer_norm-no-affine": "T T T T T T N N T",
@@ -94,9 +95,9 @@ CPU_ROUTES = {
     "layer_norm-non-contiguous": "T T T T T T T T T",
     "rms_norm": "T T T T T T N N T",
     "add_layer_norm": "T T T T T T N N T",
-    "group_norm": "C C C N N C N N C",
+    "group_norm": "T T T T T T N N T",
     "group_norm-masked": "C C C N N C N N C",
-    "instance_norm": "C C C N N C N N C",
+    "instance_norm": "T T T T T T N N T",
     "instance_norm-masked": "C C C N N C N N C",
     "instance_norm-given": "C C C C C C C C C",  # given statistics per instance: no layout
     "batch_norm": "C C C N N C N N C",

@@ -31,16 +31,10 @@ _TENSORS = (torch.Tensor, torch.nn.Parameter)
 _plans: dict = {}
 
 
-def _param_key(t):
-    if t is None:
-        return None
-    if type(t) not in _TENSORS:
-        return NO_PLAN
-    return t.shape, t.dtype, t.device
-
-
-def key(fn: str, x, normalized_shape, weight, bias, eps, dim):
-    """The memo key of a feature-norm call, or None when the call must take the full path."""
+def key(fn: str, x, eps, tensors, *args):
+    """The memo key of a call (``tensors``: its weight, bias and statistics, each a tensor or
+    None; ``args``: its other arguments, hashable), or None when the call must take the full
+    path."""
     if (
         type(x) is not torch.Tensor
         or type(eps) is not float
@@ -48,32 +42,32 @@ def key(fn: str, x, normalized_shape, weight, bias, eps, dim):
         or torch.compiler.is_compiling()
     ):
         return None
-    w, b = _param_key(weight), _param_key(bias)
-    if w is NO_PLAN or b is NO_PLAN:
-        return None
+    parts = [fn, eps, *args]
+    for t in tensors:
+        if t is None:
+            parts.append(None)
+        elif type(t) in _TENSORS:
+            parts.append((t.shape, t.dtype, t.device))
+        else:
+            return None
     dtype = x.dtype
     half_grad = (
         dtype in HALF
         and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        and any(t is not None and t.requires_grad for t in (x, *tensors))
     )
-    return (
-        fn,
-        normalized_shape,
-        dim,
-        eps,
+    parts += (
         x.shape,
         dtype,
         x.device,
         x.is_contiguous(),
-        w,
-        b,
         half_grad,
         backends.get_backend(),
         backends.AUTO_MIN_ELEMENTS,
         backends.AUTO_TORCH_ELEMENTS,
         backends.AUTO_TORCH_COLUMN_ELEMENTS,
     )
+    return tuple(parts)
 
 
 def get(key):

@@ -44,9 +44,6 @@ KERNEL_DTYPES = {
 # (LayerNorm/RMSNorm over a non-trailing axis) is Numba-only.
 TRITON_LAYOUTS = frozenset({"rows", "groups", "channels"})
 
-# layout kind -> the forward op a plan runs (``_kernel_plan``)
-PLAN_OPS = {"rows": "row_norm", "columns": "column_norm"}
-
 ADD_REASON = "the fused add needs the normalized axes trailing and a contiguous residual"
 
 
@@ -215,28 +212,45 @@ def _kernel_add(family: str):
 
 def _kernel_plan(family: str):
     def plan(call: Call):
-        """Rows and columns kernels: the view is fixed by the plan key (shape, contiguity)."""
-        kind = call.layout.kind
-        if kind not in PLAN_OPS or call.stats or call.residual is not None:
+        """Rows (LayerNorm/RMSNorm), columns (LayerNorm/RMSNorm over a non-trailing axis),
+        groups (GroupNorm/InstanceNorm) and BatchNorm with given statistics: the view is
+        fixed by the plan key (shape, contiguity); weight, bias and statistics come flat."""
+        layout, s = call.layout, call.spec
+        if call.stats or call.residual is not None or s.masked:
             return None
-        view, center, shape = call.layout.view, call.spec.center, call.x.shape
-        name = PLAN_OPS[kind]
-        op = getattr(kernel_ops, name)
-        launcher = kernel_ops.implementation(family, name)
+        if layout.kind in ("rows", "columns") and s.stats == "batch":
+            name = "row_norm" if layout.kind == "rows" else "column_norm"
+            center = s.center
 
-        def run(x, weight, bias, eps):
+            def tail(eps):
+                return eps, center
+        elif layout.kind == "groups" and s.stats == "batch":
+            name, groups = "group_norm", layout.groups
+
+            def tail(eps):
+                return groups, eps, None
+        elif layout.kind == "channels" and s.stats == "given":
+            name = "batch_norm_given"
+
+            def tail(eps):
+                return (eps,)
+        else:
+            return None
+        op, launcher = getattr(kernel_ops, name), kernel_ops.implementation(family, name)
+        view = layout.view
+
+        def run(x, weight, bias, eps, *stats):
             backends.record(family)
-            w = None if weight is None else weight.reshape(-1)
-            b = None if bias is None else bias.reshape(-1)
-            if torch.is_grad_enabled() and (
-                x.requires_grad
-                or (w is not None and w.requires_grad)
-                or (b is not None and b.requires_grad)
-            ):
-                y = op(x.view(view), w, b, eps, center, family)[0]
-            else:  # no graph to record: the launcher itself, without the op's dispatch
-                y = launcher(x.view(view), w, b, eps, center)[0]
-            return y.view(shape)
+            tensors = (
+                x.view(view),
+                None if weight is None else weight.reshape(-1),
+                None if bias is None else bias.reshape(-1),
+                *stats,
+            )
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+                return op(*tensors, *tail(eps), family)[0].view(x.shape)
+            # no graph to record: the launcher itself, without the op's dispatch
+            return launcher(*tensors, *tail(eps))[0].view(x.shape)
 
         return run
 
@@ -328,16 +342,9 @@ def _auto(call: Call) -> Family:
         small = False
         if kernel is NUMBA:
             n = call.x.numel()
-            small = n < backends.AUTO_MIN_ELEMENTS
-            if not small and call.spec.stats == "batch" and TORCH.takes(call) is None:
-                # torch's op on the trailing axes (layout -1), or on one moved axis (the
-                # column kernels' calls, where torch pays a permuted copy)
-                bounds = (
-                    backends.AUTO_TORCH_ELEMENTS
-                    if call.layout == -1
-                    else backends.AUTO_TORCH_COLUMN_ELEMENTS
-                )
-                small = n < bounds[0 if call.spec.center else 1]
+            small = n < backends.AUTO_MIN_ELEMENTS or (
+                call.spec.stats == "batch" and TORCH.takes(call) is None and n < _torch_bound(call)
+            )
         if not small and kernel.takes(call) is None:
             return kernel
     elif exporting == "torchscript":
@@ -351,6 +358,18 @@ def _auto(call: Call) -> Family:
                 "torch.onnx.export(..., dynamo=True), which exports every normlab layer"
             )
     return TORCH if TORCH.takes(call) is None else COMPOSITE
+
+
+def _torch_bound(call: Call) -> int:
+    """``AUTO_TORCH_ELEMENTS``'s entry for a call the torch family took (its layout set);
+    ``AUTO_TORCH_COLUMN_ELEMENTS``'s for LayerNorm/RMSNorm over one moved axis (the column
+    kernel's calls, where torch's path pays a permuted copy)."""
+    if isinstance(call.layout, spec.Layout):  # GroupNorm/InstanceNorm
+        return backends.AUTO_TORCH_ELEMENTS[2]
+    bounds = (
+        backends.AUTO_TORCH_ELEMENTS if call.layout == -1 else backends.AUTO_TORCH_COLUMN_ELEMENTS
+    )
+    return bounds[0 if call.spec.center else 1]
 
 
 def decide(call: Call) -> Family:

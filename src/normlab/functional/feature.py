@@ -18,7 +18,7 @@ def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, resid
     if residual is None:
         # A signature seen before runs the runner its first call's decision left
         # (normlab.backends.plans); a new one takes the full path below and leaves one.
-        key = plans.key(fn, x, normalized_shape, weight, bias, eps, dim)
+        key = plans.key(fn, x, eps, (weight, bias), normalized_shape, dim)
         if key is not None:
             runner = plans.get(key)
             if runner:
