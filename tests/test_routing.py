@@ -13,7 +13,11 @@ from normlab.spec import NormSpec, layout
 
 # below AUTO_MIN_ELEMENTS (1 << 15); above it; at AUTO_TORCH_ELEMENTS's LayerNorm bound (1 << 20)
 SIZES = {"small": (4, 8, 4), "large": (16, 64, 64), "huge": (64, 64, 256)}
-AUTO_DEFAULTS = {"AUTO_MIN_ELEMENTS": 1 << 15, "AUTO_TORCH_ELEMENTS": (1 << 20, 1 << 18, 1 << 20)}
+AUTO_DEFAULTS = {
+    "AUTO_MIN_ELEMENTS": 1 << 15,
+    "AUTO_TORCH_ELEMENTS": (1 << 20, 1 << 18, 1 << 20),
+    "AUTO_TORCH_COLUMN_ELEMENTS": (1 << 15, 1 << 15),
+}
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16}
 
 
@@ -86,7 +90,8 @@ def routing_table(device: str = "cpu") -> dict[str, str]:
 CPU_ROUTES = {
     "layer_norm": "T T T T T T N N T",
     "layer_norm-no-affine": "T T T T T T N N T",
-    "layer_norm-dim1": "T T T T T T T T T",  # channels-first LayerNorm: torch's op on a moved axis
+    # channels-first LayerNorm: the column kernel from AUTO_TORCH_COLUMN_ELEMENTS on
+    "layer_norm-dim1": "T T T N N T N N T",
     "layer_norm-non-contiguous": "T T T T T T T T T",
     "rms_norm": "T T T T T T N N T",
     "add_layer_norm": "T T T T T T N N T",
@@ -176,8 +181,12 @@ CHANNELS = NormSpec((0, 2), (1,))
             "parameters or statistics of another dtype, device or rank than the input",
         ),
         (
-            lambda: _call(torch.randn(4, 8, 3), NormSpec((1,), (1,))),
+            lambda: _call(torch.randn(4, 8, 3), NormSpec((1,), (1,), stats="given")),
             "the reduction axes are not the trailing axes",
+        ),
+        (
+            lambda: _call(torch.randn(4, 8, 3), NormSpec((1,), (1,), masked=True)),
+            "column kernels take neither given statistics nor a mask",
         ),
         (
             lambda: _call(torch.randn(4, 8, 3), NormSpec((0, 2), (1,), center=False)),
@@ -238,7 +247,8 @@ def test_layout_is_computed_from_the_spec_and_the_shape():
     assert layout(masked, (2, 4, 3, 5), affine=False).view == (2, 4, 15)
     assert layout(NormSpec((0, 1), (0, 1)), (1, 1, 2), affine=True) == (
         "the reduction axes are not the trailing axes; not a (N, G, *reduced) layout; "
-        "the parameters or statistics do not have one entry per channel"
+        "the parameters or statistics do not have one entry per channel; "
+        "not one reduced axis before the last"
     )
 
 

@@ -25,7 +25,11 @@ the three kernel layouts the call is, computed from the spec and the input's sha
   along G and optionally the first axis of ``rest`` (GroupNorm, InstanceNorm): x is viewed
   as (N, C, S);
 - channels: every axis but one is reduced and the parameters and statistics vary along it
-  (BatchNorm in training, with given statistics, PowerNorm): x is viewed as (A, C, B).
+  (BatchNorm in training, with given statistics, PowerNorm): x is viewed as (A, C, B);
+- columns: LayerNorm/RMSNorm over one axis that is not the last (channels-first, the
+  ConvNeXt case), the parameters along it: x is viewed as (A, C, B), statistics per (a, b).
+
+The layouts are tried in that order (a call two of them fit goes to the first).
 
 The backend registry (``normlab.backends.registry``) asks this module for the layout of a
 call; the kernels know only the views.
@@ -71,9 +75,9 @@ class NormSpec:
 
 @dataclass(frozen=True)
 class Layout:
-    """A kernel layout of one call: ``kind`` ("rows" | "groups" | "channels"), x's shape as
-    the kernel sees it (``view``), the number of groups G (groups layout), and the mask's
-    view and the axes of x it is broadcast along."""
+    """A kernel layout of one call: ``kind`` ("rows" | "groups" | "channels" | "columns"),
+    x's shape as the kernel sees it (``view``), the number of groups G (groups layout), and
+    the mask's view and the axes of x it is broadcast along."""
 
     kind: str
     view: tuple[int, ...]
@@ -153,7 +157,21 @@ def _channels(spec: NormSpec, shape, affine: bool) -> Layout | str:
     return Layout("channels", (a, shape[c], b), mask_view=mask_view, mask_channel_axes=(c,))
 
 
-LAYOUTS = (_rows, _groups, _channels)
+def _columns(spec: NormSpec, shape, affine: bool) -> Layout | str:
+    nd = len(shape)
+    if len(spec.reduction) != 1 or spec.reduction[0] == nd - 1:
+        return "not one reduced axis before the last"
+    if spec.stats != "batch" or spec.masked:
+        return "column kernels take neither given statistics nor a mask"
+    if spec.feature != spec.reduction:
+        # e.g. PowerNorm's warmup over (N, C): statistics per channel, not a feature norm
+        return "the feature axes are not the normalized axis"
+    (d,) = spec.reduction
+    a, b = math.prod(shape[:d]), math.prod(shape[d + 1 :])
+    return Layout("columns", (a, shape[d], b))
+
+
+LAYOUTS = (_rows, _groups, _channels, _columns)
 
 
 def layout(spec: NormSpec, shape, affine: bool) -> Layout | str:

@@ -20,9 +20,10 @@
   CPU tensors ``"numba"`` where it applies and the input has at least
   ``AUTO_MIN_ELEMENTS`` elements (below that, the fixed cost of a kernel call outweighs
   its speed), except the LayerNorm/RMSNorm/GroupNorm/InstanceNorm calls that ``"torch"``
-  takes, which go to Numba from ``AUTO_TORCH_ELEMENTS`` on; else ``"torch"`` where it
-  applies (small, half-precision, strided and channels-first inputs, BatchNorm eval);
-  ``"composite"`` otherwise. Each call signature is decided once
+  takes, which go to Numba from ``AUTO_TORCH_ELEMENTS`` on (LayerNorm/RMSNorm over one
+  non-trailing axis, channels-first, from ``AUTO_TORCH_COLUMN_ELEMENTS`` on); else
+  ``"torch"`` where it applies (small, half-precision, strided and channels-first inputs,
+  BatchNorm eval); ``"composite"`` otherwise. Each call signature is decided once
   (``normlab.backends.plans``). Under ``torch.onnx.export``, ``"torch"`` or
   ``"composite"`` only, so that the graph holds standard ONNX ops.
 
@@ -54,6 +55,13 @@ AUTO_MIN_ELEMENTS = 1 << 15
 # crossover measured on 2 cores, docs/benchmarks.md). torch's CPU RMSNorm is not fused,
 # hence the lower bound.
 AUTO_TORCH_ELEMENTS = (1 << 20, 1 << 18, 1 << 20)
+
+# (LayerNorm, RMSNorm) over one axis that is not the last (channels-first, the column
+# kernels): the same rule, but torch's path there moves the axis last and pays a permuted
+# copy, so the Numba kernel is at least even from AUTO_MIN_ELEMENTS on (measured 2026-12-04
+# on a shared 2-core machine, float32 (N, C, 16, 16), torch time / kernel time: at 16K
+# elements 0.84-1.10, at 32K 1.01-1.61, at 64K and above 1.2-2.5; docs/benchmarks.md).
+AUTO_TORCH_COLUMN_ELEMENTS = (1 << 15, 1 << 15)
 
 
 class _State(threading.local):

@@ -2,8 +2,9 @@
 
 normlab's kernels win on large contiguous tensors; torch's fused ops win where normlab has
 no kernel or where a kernel launch costs more than the work: one decode token, bfloat16 and
-float16 on the CPU, strided views, LayerNorm over a channel axis (the ConvNeXt case, which
-torch runs as permute, LayerNorm, permute back). They also export: under ``torch.onnx.export``
+float16 on the CPU, strided views, small LayerNorm over a channel axis (the ConvNeXt case,
+which torch runs as permute, LayerNorm, permute back; from ``AUTO_TORCH_COLUMN_ELEMENTS`` on
+the Numba column kernel wins). They also export: under ``torch.onnx.export``
 they become ONNX's LayerNormalization, RMSNormalization and BatchNormalization. The family
 takes exactly the calls whose result torch computes by the same formula:
 

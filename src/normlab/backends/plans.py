@@ -65,6 +65,7 @@ def key(fn: str, x, eps, tensors, *args):
         backends.get_backend(),
         backends.AUTO_MIN_ELEMENTS,
         backends.AUTO_TORCH_ELEMENTS,
+        backends.AUTO_TORCH_COLUMN_ELEMENTS,
     )
     return tuple(parts)
 

@@ -40,7 +40,8 @@ KERNEL_DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
 
-# Layouts whose custom ops have a Triton implementation (``kernel_ops.TRITON``).
+# Layouts whose custom ops have a Triton implementation (``kernel_ops.TRITON``); "columns"
+# (LayerNorm/RMSNorm over a non-trailing axis) is Numba-only.
 TRITON_LAYOUTS = frozenset({"rows", "groups", "channels"})
 
 ADD_REASON = "the fused add needs the normalized axes trailing and a contiguous residual"
@@ -174,6 +175,9 @@ def _kernel_forward(family: str):
         if layout.kind == "rows":
             y, mean, rstd = kernel_ops.row_norm(view, w, b, eps, call.spec.center, family)
             var = rstd.pow(-2) - eps  # for the record only: no caller of rows uses it
+        elif layout.kind == "columns":
+            y, mean, rstd = kernel_ops.column_norm(view, w, b, eps, call.spec.center, family)
+            var = rstd.pow(-2) - eps
         elif layout.kind == "groups":
             m = layout.kernel_mask(x, call.mask)
             y, mean, var, _ = kernel_ops.group_norm(view, w, b, layout.groups, eps, m, family)
@@ -208,14 +212,15 @@ def _kernel_add(family: str):
 
 def _kernel_plan(family: str):
     def plan(call: Call):
-        """Rows (LayerNorm/RMSNorm), groups (GroupNorm/InstanceNorm) and BatchNorm with
-        given statistics: the view is fixed by the plan key (shape, contiguity); weight,
-        bias and statistics come flat."""
+        """Rows (LayerNorm/RMSNorm), columns (LayerNorm/RMSNorm over a non-trailing axis),
+        groups (GroupNorm/InstanceNorm) and BatchNorm with given statistics: the view is
+        fixed by the plan key (shape, contiguity); weight, bias and statistics come flat."""
         layout, s = call.layout, call.spec
         if call.stats or call.residual is not None or s.masked:
             return None
-        if layout.kind == "rows" and s.stats == "batch":
-            name, center = "row_norm", s.center
+        if layout.kind in ("rows", "columns") and s.stats == "batch":
+            name = "row_norm" if layout.kind == "rows" else "column_norm"
+            center = s.center
 
             def tail(eps):
                 return eps, center
@@ -325,7 +330,8 @@ def _exporting_onnx() -> str | None:
 def _auto(call: Call) -> Family:
     """ "auto": the fused kernel of the input's device (Triton on CUDA; Numba on the CPU
     from ``AUTO_MIN_ELEMENTS`` elements on, below which a launch costs more than it saves;
-    LayerNorm/RMSNorm that torch's ops take from ``AUTO_TORCH_ELEMENTS`` on) where it takes
+    LayerNorm/RMSNorm that torch's ops take from ``AUTO_TORCH_ELEMENTS`` on, over one
+    non-trailing axis from ``AUTO_TORCH_COLUMN_ELEMENTS`` on) where it takes
     the call, else torch's own op where it computes the same thing, else the
     composite. Under ONNX export, torch's ops (they export as standard ONNX normalization
     ops) or the composite (plain arithmetic): never a custom op ONNX does not know."""
@@ -355,10 +361,15 @@ def _auto(call: Call) -> Family:
 
 
 def _torch_bound(call: Call) -> int:
-    """``AUTO_TORCH_ELEMENTS``'s entry for a call the torch family took (its layout set)."""
+    """``AUTO_TORCH_ELEMENTS``'s entry for a call the torch family took (its layout set);
+    ``AUTO_TORCH_COLUMN_ELEMENTS``'s for LayerNorm/RMSNorm over one moved axis (the column
+    kernel's calls, where torch's path pays a permuted copy)."""
     if isinstance(call.layout, spec.Layout):  # GroupNorm/InstanceNorm
         return backends.AUTO_TORCH_ELEMENTS[2]
-    return backends.AUTO_TORCH_ELEMENTS[0 if call.spec.center else 1]
+    bounds = (
+        backends.AUTO_TORCH_ELEMENTS if call.layout == -1 else backends.AUTO_TORCH_COLUMN_ELEMENTS
+    )
+    return bounds[0 if call.spec.center else 1]
 
 
 def decide(call: Call) -> Family:

@@ -53,9 +53,14 @@ SCHEMAS = {
     " float eps) -> (Tensor, Tensor, Tensor)",
     "batch_norm_backward": "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
     " Tensor? mask, Tensor count, bool stats_given) -> (Tensor, Tensor, Tensor)",
+    "column_norm": "(Tensor x, Tensor? weight, Tensor? bias, float eps, bool center)"
+    " -> (Tensor, Tensor, Tensor)",
+    "column_norm_backward": "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
+    " bool center) -> (Tensor, Tensor, Tensor)",
 }
 
-# op name -> (module of normlab.kernels.gpu, launcher): the Triton implementations.
+# op name -> (module of normlab.kernels.gpu, launcher): the Triton implementations. The
+# ops missing here (column_norm*) are Numba-only: no CUDA kernel is registered for them.
 TRITON = {
     "row_norm": ("rows", "row_norm_forward"),
     "add_row_norm": ("rows", "add_row_norm_forward"),
@@ -75,6 +80,7 @@ DIFFERENTIABLE = {
     "group_norm": 1,
     "batch_norm_train": 1,
     "batch_norm_given": 1,
+    "column_norm": 1,
 }
 
 _implementations: dict[tuple[str, str], Any] = {}
@@ -114,10 +120,12 @@ def _stats_as_stats_dtype(launcher, differentiable: int):
     return run
 
 
-def _family_at_run(x: torch.Tensor) -> str:
+def _family_at_run(x: torch.Tensor, name: str) -> str:
     """The family a custom op called by a compiled graph runs (see the module docstring)."""
     if x.device.type != "cpu":
         return "triton"
+    if name not in TRITON:
+        return "numba"
     return "triton" if backends.get_backend() == "triton" and interpreting() else "numba"
 
 
@@ -131,10 +139,11 @@ def _custom_op(name: str, fake):
     )
 
     def on_cpu(*args):
-        return implementation(_family_at_run(args[0]), name)(*args)
+        return implementation(_family_at_run(args[0], name), name)(*args)
 
     op.register_kernel("cpu", on_cpu)
-    op.register_kernel("cuda", lambda *args: implementation("triton", name)(*args))
+    if name in TRITON:
+        op.register_kernel("cuda", lambda *args: implementation("triton", name)(*args))
     op.register_fake(fake)
     return op
 
@@ -377,6 +386,37 @@ def _channels_gradients(ctx, grads, saved):
     return _grads(ctx.needs_input_grad, dx, dweight, dbias, weight, bias)
 
 
+# --- columns: LayerNorm / RMSNorm over axis 1 of (A, C, B) (channels-first) ------------------
+
+
+def _columns_composite(eps, center):
+    def forward(x, weight, bias):
+        c = x.shape[1]
+        shape = (1, c, 1)
+        return composite.normalize_forward(
+            x, _on(shape, weight), _on(shape, bias), (1,), eps, center
+        )[0]
+
+    return forward
+
+
+def _fake_column_norm(x, weight, bias, eps, center):
+    shape = (x.shape[0], x.shape[2])
+    return torch.empty_like(x), fake_stats(shape, x), fake_stats(shape, x)
+
+
+column_norm_backward = BackwardOp("column_norm_backward", _fake_param_grads)
+
+
+def _columns_gradients(ctx, grads, saved):
+    x, weight, bias, mean, rstd = saved
+    _, center = ctx.config
+    dx, dweight, dbias = column_norm_backward(
+        ctx, grads[0].contiguous(), x, weight, mean, rstd, center
+    )
+    return _grads((True, *ctx.needs_input_grad[1:3]), dx, dweight, dbias, weight, bias)
+
+
 FORWARD = {
     "row_norm": Entry(
         fake=_fake_row_norm,
@@ -421,6 +461,16 @@ FORWARD = {
             saved[:3],
         ),
     ),
+    "column_norm": Entry(
+        fake=_fake_column_norm,
+        save=lambda inputs, out: ((*inputs[:3], out[1], out[2]), inputs[3:5]),
+        gradients=_columns_gradients,
+        composite=lambda ctx, grads, saved: (
+            grads[0],
+            _columns_composite(*ctx.config),
+            saved[:3],
+        ),
+    ),
 }
 
 row_norm = KernelOp("row_norm", FORWARD["row_norm"])
@@ -428,3 +478,4 @@ add_row_norm = KernelOp("add_row_norm", FORWARD["add_row_norm"])
 group_norm = KernelOp("group_norm", FORWARD["group_norm"])
 batch_norm_train = KernelOp("batch_norm_train", FORWARD["batch_norm_train"])
 batch_norm_given = KernelOp("batch_norm_given", FORWARD["batch_norm_given"])
+column_norm = KernelOp("column_norm", FORWARD["column_norm"])

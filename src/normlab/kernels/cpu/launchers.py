@@ -225,3 +225,27 @@ def power_norm_backward(layout, dy, x, weight, bias, phi, nu, eps, alpha_bkw, ma
     dweight = None if weight is None else sums[0].to(weight.dtype).reshape(weight.shape)
     dbias = None if bias is None else sums[1].to(bias.dtype).reshape(bias.shape)
     return dx, dweight, dbias, new_nu
+
+
+# --- columns: LayerNorm / RMSNorm over a non-trailing axis (channels-first) ----------------
+
+
+def column_norm(x, weight, bias, eps, center):
+    """(y, mean, rstd) of LayerNorm (center) or RMSNorm over axis 1 of the (A, C, B) view,
+    per (a, b); y in x's layout, statistics (A, B) float64."""
+    a, c, b = x.shape
+    y, mean, rstd = torch.empty_like(x), stats((a, b), x), stats((a, b), x)
+    w, bb = param(weight, c, 1.0, x), param(bias, c, 0.0, x)
+    launch(_kernels("columns").column_norm_forward, x, w, bb, eps, center, y, mean, rstd)
+    return y, mean, rstd
+
+
+def column_norm_backward(dy, x, weight, mean, rstd, center):
+    """(dx, dweight, dbias) of ``column_norm``."""
+    c = x.shape[1]
+    dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    w = param(weight, c, 1.0, x)
+    launch(
+        _kernels("columns").column_norm_backward, dy, x, w, mean, rstd, center, dx, dweight, dbias
+    )
+    return dx, dweight, dbias
