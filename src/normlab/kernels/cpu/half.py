@@ -1,0 +1,171 @@
+"""Half-precision storage for the Numba kernels: ``load`` and ``store`` of array elements.
+
+Numba has no float16 or bfloat16 type on the CPU, so the launchers hand half tensors to the
+kernels as 16-bit integer views of their memory (no copy), one integer dtype per format:
+
+    bfloat16 -> uint16        float16 -> int16        (``launchers.array``)
+
+A kernel reads ``load(a, j)`` and writes ``store(a, j, v)`` wherever its arrays may hold
+input-dtype data; both compile to plain indexing for float32/float64 arrays (the kernels'
+code for those dtypes is unchanged), and for the integer views:
+
+- ``load`` widens exactly to float32: bfloat16 bits << 16 are the float32's bits; float16
+  with LLVM's ``fpext half`` (F16C's vcvtph2ps on x86; subnormals, Inf and NaN exact);
+- ``store`` rounds v to the format with round-to-nearest-even, NaN stays NaN, Inf stays
+  Inf, overflow goes to Inf. A float64 v is rounded once: first to float32 with
+  round-to-odd (the neighbour with an odd last bit when inexact), which loses nothing that
+  the second rounding to 8 or 11 bits needs, so the two roundings equal one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+from normlab.kernels.cpu.runtime import serial
+
+BFLOAT16_BITS = np.uint16
+FLOAT16_BITS = np.int16
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float32 whose bits are ``bits`` (uint32)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_from_float(typingctx, value):
+    """The bits (uint32) of the float32 ``value``."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _float_from_half_bits(typingctx, bits):
+    """The float16 whose bits are ``bits`` (int16), widened exactly to float32."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _half_bits_from_float(typingctx, value):
+    """The bits (int16) of the float32 ``value`` rounded to float16 (nearest even)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
+@serial
+def _bfloat16_bits(v):
+    """The bits (uint16) of the float32 ``v`` rounded to bfloat16, nearest even."""
+    bits = _bits_from_float(v)
+    if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: keep it quiet
+        return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+    odd = (bits >> np.uint32(16)) & np.uint32(1)
+    return np.uint16((bits + np.uint32(0x7FFF) + odd) >> np.uint32(16))
+
+
+@serial
+def _to_float_odd(v):
+    """float64 v as float32 rounded to odd: exact if representable, else the neighbour
+    (of the two float32 around v) whose last bit is 1."""
+    f = np.float32(v)
+    bits = _bits_from_float(f)
+    if np.float64(f) != v and (bits & np.uint32(1)) == 0 and v == v:
+        # f is the even neighbour: the odd one is a step towards v (sign-magnitude bits)
+        if abs(np.float64(f)) > abs(v):
+            bits -= np.uint32(1)
+        else:
+            bits += np.uint32(1)
+        f = _float_from_bits(bits)
+    return f
+
+
+def _single(v):
+    """float32 of v without a second rounding later (``_to_float_odd`` for float64)."""
+
+
+@overload(_single)
+def _single_overload(v):
+    if v == types.float64:
+        return lambda v: _to_float_odd(v)
+    return lambda v: np.float32(v)
+
+
+def load(a, j):
+    """a[j], widened to float32 if ``a`` holds half bits (see the module docstring)."""
+
+
+@overload(load)
+def _load_overload(a, j):
+    if a.dtype == types.uint16:
+        return lambda a, j: _float_from_bits(np.uint32(a[j]) << np.uint32(16))
+    if a.dtype == types.int16:
+        return lambda a, j: _float_from_half_bits(a[j])
+    return lambda a, j: a[j]
+
+
+def store(a, j, v):
+    """a[j] = v, rounded to the half format if ``a`` holds half bits."""
+
+
+@overload(store)
+def _store_overload(a, j, v):
+    if a.dtype == types.uint16:
+
+        def store_bfloat16(a, j, v):
+            a[j] = _bfloat16_bits(_single(v))
+
+        return store_bfloat16
+    if a.dtype == types.int16:
+
+        def store_float16(a, j, v):
+            a[j] = _half_bits_from_float(_single(v))
+
+        return store_float16
+
+    def store_float(a, j, v):
+        a[j] = v
+
+    return store_float
+
+
+def compute(a, v):
+    """v in the arithmetic dtype of kernels over ``a``'s elements: float32 for half bits
+    (the widened values are exact in float32 and the output keeps 8 or 11 bits), float64
+    otherwise (float32 input keeps float64 accumulation)."""
+
+
+@overload(compute)
+def _compute_overload(a, v):
+    if a.dtype in (types.uint16, types.int16):
+        return lambda a, v: np.float32(v)
+    return lambda a, v: np.float64(v)
+
+
+def pivot(a):
+    """A shift for sums over the row ``a`` in ``compute``'s dtype: its first element for
+    half bits (float32 sums of x - pivot keep the spread of data far from zero, 1e4 +
+    noise), 0 otherwise (float64 sums need none; x - 0.0 compiles to x)."""
+
+
+@overload(pivot)
+def _pivot_overload(a):
+    if a.dtype in (types.uint16, types.int16):
+        return lambda a: load(a, 0) if a.shape[0] > 0 else np.float32(0)
+    return lambda a: 0.0
