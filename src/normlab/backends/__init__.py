@@ -2,7 +2,8 @@
 
 - ``"numba"``: the fused CPU kernels (``normlab.kernels.cpu``), registered as torch custom
   ops. They take contiguous float32/float64 CPU tensors in the layouts they were written
-  for (``normlab.spec.layout``).
+  for (``normlab.spec.layout``), and float16/bfloat16 in the rows layout (LayerNorm,
+  RMSNorm and the fused add over trailing axes; float32 arithmetic, output rounded once).
 - ``"triton"``: the fused GPU kernels (``normlab.kernels.gpu``, the optional extra
   ``normlab[gpu]``), behind the same custom ops. They take contiguous float32, float16 and
   bfloat16 CUDA tensors in the same layouts (float64 runs the composite: the kernels
@@ -18,8 +19,8 @@
 - ``"auto"`` (default): on CUDA tensors ``"triton"`` where it applies (when installed); on
   CPU tensors ``"numba"`` where it applies and the input has at least
   ``AUTO_MIN_ELEMENTS`` elements (below that, the fixed cost of a kernel call outweighs
-  its speed); else ``"torch"`` where it applies (small, half-precision, strided and
-  channels-first LayerNorm/RMSNorm, BatchNorm eval); ``"composite"`` otherwise. Under
+  its speed); else ``"torch"`` where it applies (small, strided and channels-first
+  LayerNorm/RMSNorm, half-precision BatchNorm eval); ``"composite"`` otherwise. Under
   ``torch.onnx.export``, ``"torch"`` or ``"composite"`` only, so that the graph holds
   standard ONNX ops.
 
