@@ -36,31 +36,40 @@ def _sum(row, k):
 
 
 @serial
-def _squared_deviation(row, mu):
-    """sum (row - mu)^2, in ``compute``'s dtype."""
+def _squared_deviation(row, k, mu):
+    """sum ((row - k) - mu)^2, in ``compute``'s dtype."""
     s = compute(row, 0.0)
     for j in range(row.shape[0]):
-        d = load(row, j) - mu
+        d = (load(row, j) - k) - mu
         s += d * d
     return s
 
 
 @serial
-def _affine(row, mu, rs, weight, bias, out):
-    """out = (row - mu) * rs * weight + bias, computed in ``compute``'s dtype, rounded once."""
+def _affine(row, k, mu, rs, weight, bias, out):
+    """out = ((row - k) - mu) * rs * weight + bias, computed in ``compute``'s dtype, rounded
+    once."""
     for j in range(row.shape[0]):
-        store(out, j, (load(row, j) - mu) * rs * load(weight, j) + load(bias, j))
+        store(out, j, ((load(row, j) - k) - mu) * rs * load(weight, j) + load(bias, j))
+
+
+@serial
+def _shift(row, center):
+    """The pivot k that the row kernels subtract first (``half.pivot``; 0 for RMSNorm, whose
+    deviations are from 0): x - k is exact, and the mean of x - k keeps the spread of data
+    far from zero in float32."""
+    return pivot(row) if center else compute(row, 0.0)
 
 
 @serial
 def _normalize_row(row, k, total, weight, bias, eps, center, out):
     """Normalizes ``row`` (whose sum of row - k is ``total``) into ``out``; returns (mean,
-    rstd) in ``compute``'s dtype."""
+    rstd) in float64."""
     n = row.shape[0]
-    mu = compute(row, k + div(total, n)) if center else compute(row, 0.0)
-    rs = compute(row, rsqrt(div(_squared_deviation(row, mu), n) + eps))
-    _affine(row, mu, rs, weight, bias, out)
-    return mu, rs
+    mu = compute(row, div(total, n)) if center else compute(row, 0.0)  # mean of row - k
+    rs = compute(row, rsqrt(div(_squared_deviation(row, k, mu), n) + eps))
+    _affine(row, k, mu, rs, weight, bias, out)
+    return np.float64(k) + np.float64(mu), np.float64(rs)
 
 
 @kernel
@@ -72,7 +81,7 @@ def row_norm_forward(x, weight, bias, eps, center, y, mean, rstd):
     """
     for r in prange(x.shape[0]):
         xr = x[r]
-        k = pivot(xr)
+        k = _shift(xr, center)
         total = _sum(xr, k) if center else compute(xr, 0.0)
         mu, rs = _normalize_row(xr, k, total, weight, bias, eps, center, y[r])
         mean[r] = mu
@@ -87,7 +96,7 @@ def add_row_norm_forward(x, residual, weight, bias, eps, center, y, sum_out, mea
         xr, rr, sr = x[r], residual[r], sum_out[r]
         if xr.shape[0] > 0:
             store(sr, 0, load(xr, 0) + load(rr, 0))
-        k = pivot(sr)
+        k = _shift(sr, center)
         total = compute(sr, 0.0)
         for j in range(xr.shape[0]):
             store(sr, j, load(xr, j) + load(rr, j))
@@ -98,20 +107,21 @@ def add_row_norm_forward(x, residual, weight, bias, eps, center, y, sum_out, mea
 
 
 @serial
-def _row_input_gradient(dyr, xr, weight, m0, rs, center, extra, has_extra, dxr):
-    """dx of one row (plus ``extra`` if ``has_extra``) into ``dxr``; returns the row's
-    mean. Arithmetic in ``compute``'s dtype (m0 and rs in it).
+def _row_input_gradient(dyr, xr, weight, p, m0, rs, center, extra, has_extra, dxr):
+    """dx of one row (plus ``extra`` if ``has_extra``) into ``dxr``; returns the row's mean
+    of x - p (p: the row's ``_shift``). Arithmetic in ``compute``'s dtype (p, m0 = the
+    stored mean - p, and rs in it).
 
-    The stored mean m0 may be rounded (float32): the float64 mean m0 + delta, with
-    delta = mean(x - m0), is recovered in the same pass as the gradient sums, and
-    sum(g * xhat) = rstd * (sum(g * (x - m0)) - delta * sum(g)).
+    The stored mean may be rounded (float32): the mean m0 + delta, with
+    delta = mean(x - p - m0), is recovered in the same pass as the gradient sums, and
+    sum(g * xhat) = rstd * (sum(g * (x - p - m0)) - delta * sum(g)).
     """
     n = xr.shape[0]
     sd = compute(xr, 0.0)
     sg = compute(xr, 0.0)
     sgd = compute(xr, 0.0)
     for j in range(n):
-        d = load(xr, j) - m0
+        d = (load(xr, j) - p) - m0
         g = load(dyr, j) * load(weight, j)
         sd += d
         sg += g
@@ -125,20 +135,20 @@ def _row_input_gradient(dyr, xr, weight, m0, rs, center, extra, has_extra, dxr):
     c2 = rs * (sgd - delta * sg) * inv_n
     if has_extra:
         for j in range(n):
-            xh = (load(xr, j) - mu) * rs
+            xh = ((load(xr, j) - p) - mu) * rs
             g = load(dyr, j) * load(weight, j)
             store(dxr, j, rs * (g - c1 - xh * c2) + load(extra, j))
     else:
         for j in range(n):
-            xh = (load(xr, j) - mu) * rs
+            xh = ((load(xr, j) - p) - mu) * rs
             store(dxr, j, rs * (load(dyr, j) * load(weight, j) - c1 - xh * c2))
     return mu
 
 
 @serial
-def _affine_sums(dy, x, mus, rstd, r, k, pw, pb):
-    """pw += sum dy * xhat, pb += sum dy over the k rows r, r+1, ... (means mus), the
-    products in ``compute``'s dtype.
+def _affine_sums(dy, x, mus, rstd, center, r, k, pw, pb):
+    """pw += sum dy * xhat, pb += sum dy over the k rows r, r+1, ... (mus: their means of
+    x - ``_shift``), the products in ``compute``'s dtype.
 
     Four rows per sweep when k == 4: a quarter of the read-modify-writes of pw and pb.
     """
@@ -148,6 +158,8 @@ def _affine_sums(dy, x, mus, rstd, r, k, pw, pb):
         d0, d1, d2, d3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
         m0, m1 = compute(x, mus[0]), compute(x, mus[1])
         m2, m3 = compute(x, mus[2]), compute(x, mus[3])
+        p0, p1 = _shift(x0, center), _shift(x1, center)
+        p2, p3 = _shift(x2, center), _shift(x3, center)
         s0, s1 = compute(x, rstd[r]), compute(x, rstd[r + 1])
         s2, s3 = compute(x, rstd[r + 2]), compute(x, rstd[r + 3])
         for j in range(n):
@@ -155,17 +167,18 @@ def _affine_sums(dy, x, mus, rstd, r, k, pw, pb):
             e1 = compute(x, load(d1, j))
             e2 = compute(x, load(d2, j))
             e3 = compute(x, load(d3, j))
-            t01 = e0 * ((load(x0, j) - m0) * s0) + e1 * ((load(x1, j) - m1) * s1)
-            t23 = e2 * ((load(x2, j) - m2) * s2) + e3 * ((load(x3, j) - m3) * s3)
+            t01 = e0 * (((load(x0, j) - p0) - m0) * s0) + e1 * (((load(x1, j) - p1) - m1) * s1)
+            t23 = e2 * (((load(x2, j) - p2) - m2) * s2) + e3 * (((load(x3, j) - p3) - m3) * s3)
             pw[j] += t01 + t23
             pb[j] += (e0 + e1) + (e2 + e3)
     else:
         for q in range(k):
             xq, dq = x[r + q], dy[r + q]
             mq, sq = compute(x, mus[q]), compute(x, rstd[r + q])
+            pq = _shift(xq, center)
             for j in range(n):
                 e = compute(x, load(dq, j))
-                pw[j] += e * ((load(xq, j) - mq) * sq)
+                pw[j] += e * (((load(xq, j) - pq) - mq) * sq)
                 pb[j] += e
 
 
@@ -191,11 +204,13 @@ def row_norm_backward(dy, x, weight, mean, rstd, center, extra, dx, dweight, dbi
             k = min(4, stop - r)
             for q in range(k):
                 er = extra[r + q] if has_extra else extra[0:0].ravel()
-                m0 = compute(x, mean[r + q])
+                xr = x[r + q]
+                p = _shift(xr, center)
+                m0 = compute(x, mean[r + q] - p)
                 rs = compute(x, rstd[r + q])
                 mus[q] = _row_input_gradient(
-                    dy[r + q], x[r + q], weight, m0, rs, center, er, has_extra, dx[r + q]
+                    dy[r + q], xr, weight, p, m0, rs, center, er, has_extra, dx[r + q]
                 )
-            _affine_sums(dy, x, mus, rstd, r, k, pw, pb)
+            _affine_sums(dy, x, mus, rstd, center, r, k, pw, pb)
     add_blocks(partial[:, :n], dweight)
     add_blocks(partial[:, n + pad :], dbias)
