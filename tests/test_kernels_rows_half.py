@@ -16,6 +16,7 @@ from normlab import functional as F
 from normlab.axes import feature_norm_axes
 from normlab.kernels.cpu import launchers
 from normlab.kernels.cpu.half import load, store
+from normlab.ops import kernel_ops
 from normlab.reference import normalize, normalize_backward, statistics
 from tolerances import grad_tol, tol
 
@@ -356,3 +357,18 @@ def test_group_and_channel_layouts_refuse_half(dtype):
         with backends.use("auto"):
             call()
             assert backends.last_used() != "numba"
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=_name)
+def test_custom_ops_pass_torch_opcheck(dtype):
+    """The row ops on half tensors: schema, fake (outputs of x's dtype, float64 statistics
+    on the CPU), autograd registration and aot_dispatch."""
+    if not backends.numba_available():
+        pytest.skip("numba not installed")
+    x = torch.randn(5, 7).to(dtype).requires_grad_()
+    w = torch.randn(7).to(dtype).requires_grad_()
+    torch.library.opcheck(kernel_ops.row_norm.op, (x, w, w.detach().clone(), EPS, True))
+    torch.library.opcheck(kernel_ops.row_norm.op, (x, None, None, EPS, False))
+    torch.library.opcheck(kernel_ops.add_row_norm.op, (x, x.detach().clone(), w, None, EPS, True))
+    y, mean, rstd = kernel_ops.row_norm.op(x, w, None, EPS, True)
+    assert y.dtype == dtype and mean.dtype == rstd.dtype == kernel_ops.stats_dtype(x)
