@@ -5,7 +5,7 @@ outputs), registered as the CPU implementations of the custom ops in
 ``normlab.ops.kernel_ops``. They take contiguous float32/float64 views in the layouts of
 ``normlab.spec.Layout`` (rows: (R, N); groups: (N, C, S); channels: (A, C, B)); the rows
 launchers also float16/bfloat16 (weight and bias of the same dtype, outputs and parameter
-gradients of that dtype, computed in float64 and rounded once), weight and
+gradients of that dtype, computed in float32 and rounded once), weight and
 bias as (features,) or None, masks as uint8 views; they allocate the outputs, hand the
 kernels NumPy views of the tensors' memory (no copy) and run them with as many threads as
 torch uses.
