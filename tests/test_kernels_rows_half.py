@@ -5,6 +5,11 @@ dbias), rounding, NaN/Inf, constant and far-from-zero rows, and the routing."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -372,3 +377,26 @@ def test_custom_ops_pass_torch_opcheck(dtype):
     torch.library.opcheck(kernel_ops.add_row_norm.op, (x, x.detach().clone(), w, None, EPS, True))
     y, mean, rstd = kernel_ops.row_norm.op(x, w, None, EPS, True)
     assert y.dtype == dtype and mean.dtype == rstd.dtype == kernel_ops.stats_dtype(x)
+
+
+def test_runs_without_f16c(tmp_path):
+    """On a CPU target without F16C (``NUMBA_CPU_NAME=generic``) the float16 conversions
+    still compile (LLVM's ``half`` type would call a runtime function Numba does not link,
+    and LLVM would abort the process)."""
+    script = (
+        "import torch\n"
+        "from normlab.kernels.cpu import launchers\n"
+        "for dtype in (torch.float16, torch.bfloat16):\n"
+        "    x = torch.linspace(-3, 3, 40).reshape(4, 10).to(dtype)\n"
+        "    y, mean, rstd = launchers.row_norm(x, x[0], x[1], 1e-5, True)\n"
+        "    dx, _, _ = launchers.row_norm_backward(x, x, x[0], mean, rstd, True, None)\n"
+        "    assert y.isfinite().all() and dx.isfinite().all()\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(launchers.__file__).parents[3]), *sys.path])
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"

@@ -10,7 +10,10 @@ input-dtype data; both compile to plain indexing for float32/float64 arrays (the
 code for those dtypes is unchanged), and for the integer views:
 
 - ``load`` widens exactly to float32: bfloat16 bits << 16 are the float32's bits; float16
-  with LLVM's ``fpext half`` (F16C's vcvtph2ps on x86; subnormals, Inf and NaN exact);
+  by integer operations on the bits (subnormals, Inf and NaN exact). Not LLVM's ``half``
+  type: without F16C (``NUMBA_CPU_NAME=generic``) it calls ``__extendhfsf2``, which
+  Numba's JIT does not link (LLVM aborts the process); the integer form vectorizes as
+  well;
 - ``store`` rounds v to the format with round-to-nearest-even, NaN stays NaN, Inf stays
   Inf, overflow goes to Inf. A float64 v is rounded once: first to float32 with
   round-to-odd (the neighbour with an odd last bit when inexact), which loses nothing that
@@ -25,9 +28,6 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from normlab.kernels.cpu.runtime import serial
-
-BFLOAT16_BITS = np.uint16
-FLOAT16_BITS = np.int16
 
 
 @intrinsic
@@ -50,24 +50,44 @@ def _bits_from_float(typingctx, value):
     return types.uint32(types.float32), codegen
 
 
-@intrinsic
-def _float_from_half_bits(typingctx, bits):
-    """The float16 whose bits are ``bits`` (int16), widened exactly to float32."""
-
-    def codegen(context, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.int16), codegen
+_U = np.uint32
+_EXPONENT = _U(0x7C00 << 13)  # float16's exponent field, at float32's place
+_REBIAS = _U((127 - 15) << 23)  # float32 bias - float16 bias, in the exponent field
+_SUBNORMAL_MAGIC = _U(113 << 23)  # 2^-14 (float16's smallest normal) as float32 bits
+_HALF_OVERFLOW = _U((127 + 16) << 23)  # 65536: Inf from here on
+_ALIGN_MAGIC = _U((127 - 15 + 23 - 10 + 1) << 23)  # 0.5 * 2^-14 * 2^(23-10+1): see below
 
 
-@intrinsic
-def _half_bits_from_float(typingctx, value):
-    """The bits (int16) of the float32 ``value`` rounded to float16 (nearest even)."""
+@serial
+def _float_from_half_bits(h):
+    """The float16 whose bits are ``h`` (int16), widened exactly to float32 (integer
+    operations, as F. Giesen's half_to_float: no F16C or runtime library needed)."""
+    u = _U(h) & _U(0xFFFF)
+    o = (u & _U(0x7FFF)) << _U(13)  # exponent and mantissa at float32's place
+    exponent = o & _EXPONENT
+    o += _REBIAS
+    if exponent == _EXPONENT:  # Inf or NaN: all exponent bits
+        o += _REBIAS
+    elif exponent == 0:  # zero or subnormal: renormalize with a float subtraction
+        o = _bits_from_float(_float_from_bits(o + _U(1 << 23)) - _float_from_bits(_SUBNORMAL_MAGIC))
+    return _float_from_bits(o | ((u & _U(0x8000)) << _U(16)))
 
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
-    return types.int16(types.float32), codegen
+@serial
+def _half_bits_from_float(v):
+    """The bits (int16) of the float32 ``v`` rounded to float16, nearest even; Inf from
+    65520 on, NaN stays NaN (F. Giesen's float_to_half_fast3_rtne)."""
+    f = _bits_from_float(v)
+    sign = (f >> _U(16)) & _U(0x8000)
+    f &= _U(0x7FFFFFFF)
+    if f >= _HALF_OVERFLOW:  # Inf or NaN
+        o = _U(0x7E00) if f > _U(0x7F800000) else _U(0x7C00)
+    elif f < _SUBNORMAL_MAGIC:  # subnormal or zero: the float addition aligns and rounds
+        o = _bits_from_float(_float_from_bits(f) + _float_from_bits(_ALIGN_MAGIC)) - _ALIGN_MAGIC
+    else:
+        odd = (f >> _U(13)) & _U(1)
+        o = (f + _U(((15 - 127) << 23) & 0xFFFFFFFF) + _U(0xFFF) + odd) >> _U(13)
+    return np.int16(o | sign)
 
 
 @serial

@@ -5,8 +5,9 @@ float16/bfloat16 arrays come as integer views of their bits (``normlab.kernels.c
 every element is read with ``load`` (widened exactly to float32) and written with ``store``
 (rounded once, to nearest even), arithmetic and per-block sums are float32 (``compute``),
 and the deviations are taken from the row's first element k (``_shift``): x - k is exact
-for x near k, so the float32 mean of x - k keeps the spread of rows far from zero. The same code compiles
-to plain float32/float64 indexing and float64 arithmetic (k = 0) for the other dtypes.
+for x near k, so the float32 mean of x - k keeps the spread of rows far from zero. The same
+code compiles to plain float32/float64 indexing and float64 arithmetic (k = 0) for the
+other dtypes.
 
 Per row of N features (``center``: LayerNorm; otherwise RMSNorm, whose mean is 0):
 
