@@ -400,3 +400,26 @@ def test_runs_without_f16c(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=_name)
+def test_auto_routes_half_rows_to_numba_from_the_size_threshold(dtype, monkeypatch):
+    """Under "auto" with the real threshold: a half LayerNorm/RMSNorm of at least
+    AUTO_MIN_ELEMENTS elements runs Numba, with or without a gradient; a smaller one runs
+    torch's op without a gradient and the composite with one (torch's half gradient is
+    refused)."""
+    if not backends.numba_available():
+        pytest.skip("numba not installed")
+    monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 1 << 15)  # conftest sets 0
+    for rows, grad, expected in (
+        (64, True, "numba"),
+        (64, False, "numba"),
+        (2, True, "composite"),
+        (2, False, "torch"),
+    ):
+        x = torch.randn(rows, 512).to(dtype).requires_grad_(grad)
+        w = torch.ones(512, dtype=dtype, requires_grad=grad)
+        with backends.use("auto"):
+            for norm in (F.layer_norm, F.rms_norm):
+                norm(x, (512,), w)
+                assert backends.last_used() == expected, (norm.__name__, rows, grad)
