@@ -19,7 +19,7 @@ import kernel_data
 from normlab import backends
 from normlab import functional as F
 from normlab.axes import feature_norm_axes
-from normlab.kernels.cpu import launchers
+from normlab.kernels.cpu import half, launchers
 from normlab.kernels.cpu.half import load, store
 from normlab.ops import kernel_ops
 from normlab.reference import normalize, normalize_backward, statistics
@@ -61,12 +61,33 @@ def _narrow(v, out):
         store(out, j, v[j])
 
 
-@pytest.mark.parametrize("dtype", HALVES, ids=_name)
-def test_load_widens_every_bit_pattern_exactly(dtype):
+@numba.njit
+def _widen_portable(a, out):
+    for j in range(a.shape[0]):
+        out[j] = half._float_from_half_bits_portable(a[j])
+
+
+@numba.njit
+def _narrow_portable(v, out):
+    for j in range(v.shape[0]):
+        out[j] = half._half_bits_from_float_portable(v[j])
+
+
+# (dtype, widen, narrow): the conversions the kernels use on this machine, and the integer
+# float16 ones of targets without F16C (``half.native_float16``).
+CONVERSIONS = [
+    pytest.param(torch.bfloat16, _widen, _narrow, id="bfloat16"),
+    pytest.param(torch.float16, _widen, _narrow, id="float16"),
+    pytest.param(torch.float16, _widen_portable, _narrow_portable, id="float16-portable"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "widen", "narrow"), CONVERSIONS)
+def test_load_widens_every_bit_pattern_exactly(dtype, widen, narrow):
     """All 65536 patterns (subnormals, Inf, NaN included) widen as torch's conversion."""
     every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
     got = np.empty(every.numel(), np.float32)
-    _widen(_bits(every), got)
+    widen(_bits(every), got)
     want = every.float().numpy()
     nan = np.isnan(want)
     assert nan.sum() > 0 and np.array_equal(np.isnan(got), nan)
@@ -82,15 +103,15 @@ def _edges(dtype):
     return np.array(values + [-v for v in values])
 
 
-@pytest.mark.parametrize("dtype", HALVES, ids=_name)
-def test_store_of_float32_rounds_to_nearest_even(dtype):
+@pytest.mark.parametrize(("dtype", "widen", "narrow"), CONVERSIONS)
+def test_store_of_float32_rounds_to_nearest_even(dtype, widen, narrow):
     """float32 -> half as torch's conversion (round to nearest even, overflow to Inf, NaN
     stays NaN) on a million values over the whole exponent range and the edge cases."""
     rng = np.random.default_rng(0)
     v = rng.standard_normal(1 << 20) * np.exp(rng.uniform(-40, 40, 1 << 20))
     v = np.concatenate([v, _edges(dtype), [np.nan]]).astype(np.float32)
     got = np.empty(v.shape, launchers.HALF_BITS[dtype])
-    _narrow(v, got)
+    narrow(v, got)
     want = _bits(torch.from_numpy(v).to(dtype))
     nan = np.isnan(v)
     assert np.array_equal(got[~nan], want[~nan])

@@ -10,10 +10,9 @@ input-dtype data; both compile to plain indexing for float32/float64 arrays (the
 code for those dtypes is unchanged), and for the integer views:
 
 - ``load`` widens exactly to float32: bfloat16 bits << 16 are the float32's bits; float16
-  by integer operations on the bits (subnormals, Inf and NaN exact). Not LLVM's ``half``
-  type: without F16C (``NUMBA_CPU_NAME=generic``) it calls ``__extendhfsf2``, which
-  Numba's JIT does not link (LLVM aborts the process); the integer form vectorizes as
-  well;
+  with LLVM's ``fpext half`` where the target has the instruction (``native_float16``:
+  F16C's vcvtph2ps on x86), else by integer operations on the bits (subnormals, Inf and
+  NaN exact either way);
 - ``store`` rounds v to the format with round-to-nearest-even, NaN stays NaN, Inf stays
   Inf, overflow goes to Inf. A float64 v is rounded once: first to float32 with
   round-to-odd (the neighbour with an odd last bit when inexact), which loses nothing that
@@ -21,6 +20,8 @@ code for those dtypes is unchanged), and for the integer views:
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from llvmlite import ir
@@ -50,43 +51,94 @@ def _bits_from_float(typingctx, value):
     return types.uint32(types.float32), codegen
 
 
+@intrinsic
+def _float_from_half_bits_native(typingctx, bits):
+    """The float16 whose bits are ``bits`` (int16), widened to float32 by LLVM's ``fpext
+    half`` (one instruction where ``native_float16()``)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _half_bits_from_float_native(typingctx, value):
+    """The bits (int16) of the float32 ``value`` rounded to float16 (nearest even) by
+    LLVM's ``fptrunc`` (one instruction where ``native_float16()``)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
+@functools.cache
+def native_float16() -> bool:
+    """Whether Numba's target converts float16 in instructions: AArch64, or x86 with F16C
+    (what Numba targets: ``NUMBA_CPU_FEATURES`` if set, which ``NUMBA_CPU_NAME`` empties,
+    else the host's). Elsewhere LLVM would call ``__extendhfsf2``/``__truncsfhf2``, which
+    Numba's JIT does not link (LLVM aborts the process): the kernels use the integer
+    conversions instead, exact as well but about 8 times slower."""
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    arch = llvm.get_process_triple().split("-")[0]
+    if arch in ("aarch64", "arm64"):
+        return True
+    if arch not in ("x86_64", "i386", "i686"):
+        return False
+    features = config.CPU_FEATURES
+    if features is None:
+        try:
+            features = llvm.get_host_cpu_features().flatten()
+        except RuntimeError:
+            return False
+    return "+f16c" in features.split(",")
+
+
 _U = np.uint32
 _EXPONENT = _U(0x7C00 << 13)  # float16's exponent field, at float32's place
 _REBIAS = _U((127 - 15) << 23)  # float32 bias - float16 bias, in the exponent field
-_SUBNORMAL_MAGIC = _U(113 << 23)  # 2^-14 (float16's smallest normal) as float32 bits
+_SUBNORMAL = _U(113 << 23)  # 2^-14, float16's smallest normal, as float32 bits
 _HALF_OVERFLOW = _U((127 + 16) << 23)  # 65536: Inf from here on
-_ALIGN_MAGIC = _U((127 - 15 + 23 - 10 + 1) << 23)  # 0.5 * 2^-14 * 2^(23-10+1): see below
+_ALIGN = _U((127 - 15 + 23 - 10 + 1) << 23)  # 0.5: its ulp is float16's subnormal step
 
 
 @serial
-def _float_from_half_bits(h):
+def _pick(condition, a, b):
+    """a if condition else b (uint32) without a branch, so that loops stay vectorized."""
+    mask = _U(0) - _U(condition)
+    return (a & mask) | (b & ~mask)
+
+
+@serial
+def _float_from_half_bits_portable(h):
     """The float16 whose bits are ``h`` (int16), widened exactly to float32 (integer
     operations, as F. Giesen's half_to_float: no F16C or runtime library needed)."""
     u = _U(h) & _U(0xFFFF)
-    o = (u & _U(0x7FFF)) << _U(13)  # exponent and mantissa at float32's place
-    exponent = o & _EXPONENT
-    o += _REBIAS
-    if exponent == _EXPONENT:  # Inf or NaN: all exponent bits
-        o += _REBIAS
-    elif exponent == 0:  # zero or subnormal: renormalize with a float subtraction
-        o = _bits_from_float(_float_from_bits(o + _U(1 << 23)) - _float_from_bits(_SUBNORMAL_MAGIC))
+    o = ((u & _U(0x7FFF)) << _U(13)) + _REBIAS  # exponent and mantissa at float32's place
+    exponent = u & _U(0x7C00)
+    special = o + _REBIAS  # Inf or NaN: all exponent bits set
+    # zero or subnormal: renormalized by a float subtraction (of normal numbers)
+    tiny = _bits_from_float(_float_from_bits(o + _U(1 << 23)) - _float_from_bits(_SUBNORMAL))
+    o = _pick(exponent == _U(0x7C00), special, _pick(exponent == 0, tiny, o))
     return _float_from_bits(o | ((u & _U(0x8000)) << _U(16)))
 
 
 @serial
-def _half_bits_from_float(v):
+def _half_bits_from_float_portable(v):
     """The bits (int16) of the float32 ``v`` rounded to float16, nearest even; Inf from
     65520 on, NaN stays NaN (F. Giesen's float_to_half_fast3_rtne)."""
     f = _bits_from_float(v)
     sign = (f >> _U(16)) & _U(0x8000)
     f &= _U(0x7FFFFFFF)
-    if f >= _HALF_OVERFLOW:  # Inf or NaN
-        o = _U(0x7E00) if f > _U(0x7F800000) else _U(0x7C00)
-    elif f < _SUBNORMAL_MAGIC:  # subnormal or zero: the float addition aligns and rounds
-        o = _bits_from_float(_float_from_bits(f) + _float_from_bits(_ALIGN_MAGIC)) - _ALIGN_MAGIC
-    else:
-        odd = (f >> _U(13)) & _U(1)
-        o = (f + _U(((15 - 127) << 23) & 0xFFFFFFFF) + _U(0xFFF) + odd) >> _U(13)
+    special = _pick(f > _U(0x7F800000), _U(0x7E00), _U(0x7C00))  # NaN, Inf
+    # subnormal or zero: adding 2^-1 (as float32) aligns and rounds the 10 mantissa bits
+    tiny = _bits_from_float(_float_from_bits(f) + _float_from_bits(_ALIGN)) - _ALIGN
+    odd = (f >> _U(13)) & _U(1)
+    normal = (f + _U(((15 - 127) << 23) & 0xFFFFFFFF) + _U(0xFFF) + odd) >> _U(13)
+    o = _pick(f >= _HALF_OVERFLOW, special, _pick(f < _SUBNORMAL, tiny, normal))
     return np.int16(o | sign)
 
 
@@ -135,8 +187,10 @@ def load(a, j):
 def _load_overload(a, j):
     if a.dtype == types.uint16:
         return lambda a, j: _float_from_bits(np.uint32(a[j]) << np.uint32(16))
+    if a.dtype == types.int16 and native_float16():
+        return lambda a, j: _float_from_half_bits_native(a[j])
     if a.dtype == types.int16:
-        return lambda a, j: _float_from_half_bits(a[j])
+        return lambda a, j: _float_from_half_bits_portable(a[j])
     return lambda a, j: a[j]
 
 
@@ -152,12 +206,18 @@ def _store_overload(a, j, v):
             a[j] = _bfloat16_bits(_single(v))
 
         return store_bfloat16
+    if a.dtype == types.int16 and native_float16():
+
+        def store_float16_native(a, j, v):
+            a[j] = _half_bits_from_float_native(_single(v))
+
+        return store_float16_native
     if a.dtype == types.int16:
 
-        def store_float16(a, j, v):
-            a[j] = _half_bits_from_float(_single(v))
+        def store_float16_portable(a, j, v):
+            a[j] = _half_bits_from_float_portable(_single(v))
 
-        return store_float16
+        return store_float16_portable
 
     def store_float(a, j, v):
         a[j] = v
