@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).parent))  # tests import tolerances.py and helpers
 
 from normlab import backends
+from normlab.backends import plans
 
 # These modules specify the numbers every backend must produce: they run twice, once on
 # "auto" (the Numba kernels wherever they take the call) and once on "composite".
@@ -44,5 +45,7 @@ def _seed_and_backend(backend, monkeypatch):
     any size here (the tests' inputs are small; the size rule has its own test)."""
     torch.manual_seed(0)
     monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (0, 0, 0))
+    plans.clear()  # a test may change what a family takes (availability, thresholds)
     with backends.use(backend):
         yield

@@ -108,21 +108,27 @@ def test_exported_model_matches_eager_at_other_shapes(exported, shape):
 def test_exported_graph_uses_standard_normalization_ops(exported):
     _, proto, _ = exported
     ops = {node.op_type for node in proto.graph.node}
-    assert {"LayerNormalization", "RMSNormalization", "BatchNormalization"} <= ops
+    want = {"LayerNormalization", "RMSNormalization", "BatchNormalization", "GroupNormalization"}
+    assert want <= ops
     assert not any(node.domain.startswith("normlab") for node in proto.graph.node)
 
 
 def test_torchscript_exporter_works_or_names_the_dynamo_exporter(tmp_path):
-    """The TorchScript exporter (dynamo=False) exports LayerNorm and BatchNorm in eval as
-    torch's ops; for anything else normlab raises an error that names dynamo=True."""
-    model = torch.nn.Sequential(normlab.LayerNorm(C), normlab.BatchNorm(C, dim=-1)).eval()
-    x = torch.randn(4, 160, C)
+    """The TorchScript exporter (dynamo=False) exports LayerNorm, BatchNorm in eval and
+    GroupNorm as torch's ops; for anything else normlab raises an error that names
+    dynamo=True."""
     path = str(tmp_path / "m.onnx")
-    torch.onnx.export(model, (x,), path, dynamo=False)
-    session = onnxruntime.InferenceSession(path)
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
-    for layer, inputs in ((normlab.RMSNorm(C), x), (normlab.GroupNorm(8, C), x.transpose(1, 2))):
-        with pytest.raises(RuntimeError, match=r"dynamo=True"):
-            torch.onnx.export(layer.eval(), (inputs,), path, dynamo=False)
+    x = torch.randn(4, 160, C)
+    exportable = (
+        (torch.nn.Sequential(normlab.LayerNorm(C), normlab.BatchNorm(C, dim=-1)), x),
+        (normlab.GroupNorm(8, C), x.transpose(1, 2).contiguous()),
+    )
+    for model, inputs in exportable:
+        model.eval()
+        torch.onnx.export(model, (inputs,), path, dynamo=False)
+        session = onnxruntime.InferenceSession(path)
+        (got,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(inputs).numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match=r"dynamo=True"):
+        torch.onnx.export(normlab.RMSNorm(C), (x,), path, dynamo=False)

@@ -11,7 +11,9 @@ from normlab import functional as F
 from normlab.backends import registry
 from normlab.spec import NormSpec, layout
 
-SIZES = {"small": (4, 8, 4), "large": (16, 64, 64)}  # below / above AUTO_MIN_ELEMENTS (1 << 15)
+# below AUTO_MIN_ELEMENTS (1 << 15); above it; at AUTO_TORCH_ELEMENTS's LayerNorm bound (1 << 20)
+SIZES = {"small": (4, 8, 4), "large": (16, 64, 64), "huge": (64, 64, 256)}
+AUTO_DEFAULTS = {"AUTO_MIN_ELEMENTS": 1 << 15, "AUTO_TORCH_ELEMENTS": (1 << 20, 1 << 18, 1 << 20)}
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16}
 
 
@@ -78,30 +80,32 @@ def routing_table(device: str = "cpu") -> dict[str, str]:
 
 
 # The CPU routing under "auto" (C: composite, N: numba, T: torch's own ops), per call, for
-# f32 f64 bf16 at the small size, then f32 f64 bf16 at the large size. The Numba kernels
-# take bf16 in the rows layout only (LayerNorm/RMSNorm/fused add over trailing axes).
+# f32 f64 bf16 at the small size, then at the large size, then at the huge size. LayerNorm/
+# RMSNorm/GroupNorm/InstanceNorm stay with torch's op up to AUTO_TORCH_ELEMENTS, where the
+# Numba kernels win. The Numba kernels take bf16 in the rows layout only (LayerNorm/RMSNorm/
+# fused add over trailing axes).
 CPU_ROUTES = {
-    "layer_norm": "T T T N N N",
-    "layer_norm-no-affine": "T T T N N N",
-    "layer_norm-dim1": "T T T T T T",  # channels-first LayerNorm: torch's op on a moved axis
-    "layer_norm-non-contiguous": "T T T T T T",
-    "rms_norm": "T T T N N N",
-    "add_layer_norm": "T T T N N N",
-    "group_norm": "C C C N N C",
-    "group_norm-masked": "C C C N N C",
-    "instance_norm": "C C C N N C",
-    "instance_norm-masked": "C C C N N C",
-    "instance_norm-given": "C C C C C C",  # given statistics per instance: no layout
-    "batch_norm": "C C C N N C",
-    "batch_norm-channels-last": "C C C N N C",
-    "batch_norm-masked": "C C C N N C",
-    "batch_norm-ghost": "C C C C C C",  # two kept axes (virtual batch, channel)
-    "batch_norm-eval": "T T T N N T",
-    "batch_norm-eval-float32-stats": "T C C N C C",  # statistics of another dtype
-    "batch_renorm": "C C C N N C",
-    "power_norm-eval": "C C C N N C",  # a quadratic mean, no mean: not torch's BatchNorm
-    "power_norm-warmup": "C C C C C C",  # uncentred batch statistics: no kernel
-    "power_norm": "C C C N N C",
+    "layer_norm": "T T T T T T N N N",
+    "layer_norm-no-affine": "T T T T T T N N N",
+    "layer_norm-dim1": "T T T T T T T T T",  # channels-first LayerNorm: torch's op on a moved axis
+    "layer_norm-non-contiguous": "T T T T T T T T T",
+    "rms_norm": "T T T T T T N N N",
+    "add_layer_norm": "T T T T T T N N N",
+    "group_norm": "T T T T T T N N T",
+    "group_norm-masked": "C C C N N C N N C",
+    "instance_norm": "T T T T T T N N T",
+    "instance_norm-masked": "C C C N N C N N C",
+    "instance_norm-given": "C C C C C C C C C",  # given statistics per instance: no layout
+    "batch_norm": "C C C N N C N N C",
+    "batch_norm-channels-last": "C C C N N C N N C",
+    "batch_norm-masked": "C C C N N C N N C",
+    "batch_norm-ghost": "C C C C C C C C C",  # two kept axes (virtual batch, channel)
+    "batch_norm-eval": "T T T N N T N N T",
+    "batch_norm-eval-float32-stats": "T C C N C C N C C",  # statistics of another dtype
+    "batch_renorm": "C C C N N C N N C",
+    "power_norm-eval": "C C C N N C N N C",  # a quadratic mean, no mean: not torch's BatchNorm
+    "power_norm-warmup": "C C C C C C C C C",  # uncentred batch statistics: no kernel
+    "power_norm": "C C C N N C N N C",
 }
 KERNEL = {name for name, routes in CPU_ROUTES.items() if "N" in routes}
 
@@ -118,8 +122,13 @@ def _expected_cpu() -> dict[str, str]:
     return table
 
 
+def _auto_defaults(monkeypatch):
+    for name, value in AUTO_DEFAULTS.items():  # conftest sets 0
+        monkeypatch.setattr(backends, name, value)
+
+
 def test_routing_table_on_cpu(monkeypatch):
-    monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 1 << 15)  # conftest sets 0
+    _auto_defaults(monkeypatch)
     assert routing_table("cpu") == _expected_cpu()
 
 
@@ -128,7 +137,7 @@ def test_routing_table_on_cuda(monkeypatch):
     """On CUDA, "auto" runs Triton on float32/bfloat16 inputs of any size in a layout its
     kernels take; else torch's ops where they take the call (as on the CPU at the small
     size), else the composite."""
-    monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 1 << 15)  # conftest sets 0
+    _auto_defaults(monkeypatch)
     table = routing_table("cuda")
 
     def family(key):

@@ -10,19 +10,22 @@
   accumulate in float32). On CPU tensors "triton" can be forced only when
   ``TRITON_INTERPRET=1`` was set before Triton was imported: Triton's interpreter then runs
   the kernels, slowly, which is how they are tested without a GPU.
-- ``"torch"``: torch's own fused ops (``torch.native_layer_norm``, ``torch._fused_rms_norm``,
-  ``F.batch_norm`` in eval) where they compute what normlab computes: LayerNorm/RMSNorm
-  without a mask (over trailing axes, or one axis moved last and back), BatchNorm with
-  given statistics; any device, dtype and strides (``normlab.backends.native``).
+- ``"torch"``: torch's own fused ops (``torch.native_layer_norm``, ``torch.rms_norm``,
+  ``torch.native_group_norm``, ``torch.batch_norm`` in eval) where they compute what
+  normlab computes: LayerNorm/RMSNorm without a mask (over trailing axes, or one axis
+  moved last and back), GroupNorm/InstanceNorm without a mask, BatchNorm with given
+  statistics; any device, dtype and strides (``normlab.backends.native``).
 - ``"composite"``: plain torch operations with normlab's explicit backward; any device,
   dtype and layout.
 - ``"auto"`` (default): on CUDA tensors ``"triton"`` where it applies (when installed); on
   CPU tensors ``"numba"`` where it applies and the input has at least
   ``AUTO_MIN_ELEMENTS`` elements (below that, the fixed cost of a kernel call outweighs
-  its speed); else ``"torch"`` where it applies (small, strided and channels-first
-  LayerNorm/RMSNorm, half-precision BatchNorm eval); ``"composite"`` otherwise. Under
-  ``torch.onnx.export``, ``"torch"`` or ``"composite"`` only, so that the graph holds
-  standard ONNX ops.
+  its speed), except the LayerNorm/RMSNorm/GroupNorm/InstanceNorm calls that ``"torch"``
+  takes, which go to Numba from ``AUTO_TORCH_ELEMENTS`` on; else ``"torch"`` where it
+  applies (small, half-precision, strided and channels-first inputs, BatchNorm eval);
+  ``"composite"`` otherwise. Each call signature is decided once
+  (``normlab.backends.plans``). Under ``torch.onnx.export``, ``"torch"`` or
+  ``"composite"`` only, so that the graph holds standard ONNX ops.
 
 The environment variable ``NORMLAB_BACKEND`` sets the default for a process (and the
 processes it spawns). Forcing ``"numba"`` or ``"triton"`` on an input it cannot take raises
@@ -46,7 +49,19 @@ BACKENDS = ("auto", "numba", "triton", "torch", "composite")
 
 AUTO_MIN_ELEMENTS = 1 << 15
 
-_state = threading.local()
+# (LayerNorm, RMSNorm, GroupNorm/InstanceNorm): below these sizes "auto" leaves the calls
+# torch's own ops compute (the "torch" family) to them, not to the Numba kernels: torch's
+# fused op behind normlab's per-call plan costs less than a kernel launch there (the
+# crossover measured on 2 cores, docs/benchmarks.md). torch's CPU RMSNorm is not fused,
+# hence the lower bound.
+AUTO_TORCH_ELEMENTS = (1 << 20, 1 << 18, 1 << 20)
+
+
+class _State(threading.local):
+    backend: str | None = None  # set by ``use`` (a class default: no failed lookup per call)
+
+
+_state = _State()
 _default = os.environ.get("NORMLAB_BACKEND", "auto")
 _last = {"backend": None}
 
@@ -59,7 +74,7 @@ def _check(name: str) -> str:
 
 def get_backend() -> str:
     """The backend requested for this thread (``use`` overrides ``set_backend``)."""
-    return getattr(_state, "backend", None) or _default
+    return _state.backend or _default
 
 
 def set_backend(name: str) -> None:
@@ -72,7 +87,7 @@ def set_backend(name: str) -> None:
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
     """Run the block with ``name`` as the backend (this thread only)."""
-    previous = getattr(_state, "backend", None)
+    previous = _state.backend
     _state.backend = _check(name)
     try:
         yield

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import spec as _spec
+from normlab.backends import record as _record
 from normlab.kernels import composite
 
 HALF = (torch.float16, torch.bfloat16)
@@ -74,17 +75,75 @@ def takes(call) -> str | None:
         return "PowerNorm's running statistic"
     axis = _rows_axis(call)
     if isinstance(axis, str):
-        return axis
+        found = _spec.layout(s, x.shape, bool(tensors))
+        if not isinstance(found, _spec.Layout) or found.kind != "groups":
+            return f"{axis}, nor a GroupNorm/InstanceNorm"
+        if call.residual is not None or x.numel() == 0:
+            return "a fused add or an empty input in a GroupNorm/InstanceNorm layout"
+        call.layout = found
+        return None
     if call.residual is not None and axis != -1:
         return "a fused add over a non-trailing axis"
     call.layout = axis  # what forward reads: -1 (trailing axes) or the axis to move last
     return None
 
 
+def _pivot(x, k: int):
+    """Each sample's first element over the trailing ``k`` axes, keepdim, without gradient."""
+    if k == 1:
+        return x.detach().narrow(-1, 0, 1)
+    first = x.detach().flatten(x.dim() - k)[..., :1]
+    return first.reshape(first.shape[:-1] + (1,) * k)
+
+
 def _stats_out(x, mean, rstd, eps):
     acc = composite.accumulation_dtype(x.dtype)
     mean = mean.detach().to(acc)
     return mean, (rstd.detach().to(acc).pow(-2) - eps)
+
+
+def _given(x, weight, bias, eps, mean, var, exporting=False):
+    """BatchNorm of the (A, C, B) view x with the given (C,) statistics, as constants.
+    torch's eval BatchNorm computes x * scale + (bias - mean * scale), whose two large terms
+    cancel and lose a large mean's digits in float32 (1e4 + 1e-3 noise: outputs 0.1 off);
+    it is handed x - mean (exact where x is near the mean) and a zero mean instead (1e-7
+    off). float64 has the digits and half precision rounds its output anyway; an exported
+    graph keeps torch's op as it is (ONNX BatchNormalization)."""
+    mean, var = mean.detach(), var.detach()
+    if x.dtype == torch.float32 and not exporting:
+        x, mean = x - mean.view(-1, 1), torch.zeros_like(mean)
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+
+
+def _groups(x, layout, weight, bias, eps, stats=False, exporting=False):
+    """(y, mean, var) of GroupNorm/InstanceNorm on the (N, C, S) view of ``layout`` with
+    ``layout.groups`` groups (weight and bias (C,)), statistics (N, groups) or None. As
+    LayerNorm's rows, each group is shifted by its first element first: torch's float32
+    GroupNorm loses a large mean's digits (1e4 + 1e-3 noise: 0.16 off). Not in an exported
+    graph (torch's op alone)."""
+    n, c, s = layout.view
+    g = layout.groups
+    if exporting and not stats:  # the op both ONNX exporters know
+        return (
+            torch.group_norm(x.reshape(n, c, s), g, weight, bias, eps).reshape(x.shape),
+            None,
+            None,
+        )
+    shifted, pivot = x.reshape(n, c, s), None
+    if not exporting:
+        grouped = x.reshape(n, g, (c // g) * s)
+        pivot = grouped.detach().narrow(-1, 0, 1)
+        shifted = (grouped - pivot).reshape(n, c, s)
+    shifted = shifted.contiguous()  # the op takes contiguous input only
+    y, mean, rstd = torch.native_group_norm(shifted, weight, bias, n, c, s, g, eps)
+    y = y.reshape(x.shape)
+    if not stats:
+        return y, None, None
+    acc = composite.accumulation_dtype(x.dtype)
+    mean = mean.detach().to(acc)
+    if pivot is not None:
+        mean = mean + pivot.reshape(n, g).to(acc)
+    return y, mean, rstd.detach().to(acc).pow(-2) - eps
 
 
 def _rows(x, call):
@@ -99,8 +158,7 @@ def _rows(x, call):
         # variance of data far from zero (1e4 + 1e-3 noise). Not in an exported graph.
         pivot = None
         if not getattr(call, "exporting", False):
-            rows = x.detach().flatten(x.dim() - len(shape))[..., :1]
-            pivot = rows.reshape(rows.shape[:-1] + (1,) * len(shape))
+            pivot = _pivot(x, len(shape))
             x = x - pivot
         y, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
         if not call.stats:
@@ -108,7 +166,7 @@ def _rows(x, call):
         mean, var = _stats_out(x, mean if pivot is None else mean + pivot, rstd, eps)
         return y, mean, var
     if not call.stats:
-        return F.rms_norm(x, shape, weight, eps), None, None
+        return torch.rms_norm(x, shape, weight, eps), None, None
     if hasattr(torch, "_fused_rms_norm"):  # torch >= 2.8: output and rstd in one op
         y, rstd = torch._fused_rms_norm(x, list(shape), weight, eps)
     else:
@@ -125,18 +183,24 @@ def forward(call):
     x = call.x
     if call.spec.stats == "given":
         a, c, b = call.layout.view
-        flat = [None if t is None else t.reshape(c) for t in (call.weight, call.bias)]
-        y = F.batch_norm(
+        y = _given(
             x.reshape(a, c, b),
-            call.mean.detach().reshape(c),
-            call.var.detach().reshape(c),
-            *flat,
-            False,
-            0.0,
+            *(None if t is None else t.reshape(c) for t in (call.weight, call.bias)),
             float(call.eps),
+            call.mean.reshape(c),
+            call.var.reshape(c),
+            call.exporting,
         )
         acc = composite.accumulation_dtype(x.dtype)
         return y.reshape(x.shape), call.mean.to(acc), call.var.to(acc)
+    if isinstance(call.layout, _spec.Layout):  # groups
+        flat = [None if t is None else t.reshape(-1) for t in (call.weight, call.bias)]
+        eps = float(call.eps)
+        y, mean, var = _groups(x, call.layout, *flat, eps, call.stats, call.exporting)
+        if mean is None:
+            return y, None, None
+        keep = call.spec.keep_shape(x.shape)
+        return y, mean.reshape(keep), var.reshape(keep)
     axis = call.layout  # set by takes
     if axis == -1:
         return _rows(x, call)
@@ -145,6 +209,57 @@ def forward(call):
     if mean is None:
         return y.movedim(-1, axis), None, None
     return y.movedim(-1, axis), mean.movedim(-1, axis), var.movedim(-1, axis)
+
+
+def plan(call):
+    """A runner ``(x, weight, bias, eps) -> y`` for the calls of ``call``'s plan key
+    (``normlab.backends.plans``): the LayerNorm/RMSNorm whose statistics are discarded,
+    weight and bias as the caller passed them (of ``normalized_shape``); ``(x, weight,
+    bias, eps, mean, var) -> y`` for BatchNorm with given statistics, each (C,). None for
+    the others."""
+    s = call.spec
+    if s.stats == "given":
+        view = call.layout.view
+
+        def given(x, weight, bias, eps, mean, var):
+            _record("torch")
+            return _given(x.reshape(view), weight, bias, eps, mean, var).reshape(x.shape)
+
+        return given
+    if s.stats != "batch" or call.stats or call.residual is not None:
+        return None
+    if isinstance(call.layout, _spec.Layout):  # groups: weight and bias (C,)
+        layout = call.layout
+
+        def groups(x, weight, bias, eps):
+            _record("torch")
+            return _groups(x, layout, weight, bias, eps)[0]
+
+        return groups
+    shape = tuple(call.x.shape[d] for d in s.reduction)
+    if s.center:
+        k = len(shape)
+
+        def rows(x, weight, bias, eps):
+            return torch.native_layer_norm(x - _pivot(x, k), shape, weight, bias, eps)[0]
+    else:
+
+        def rows(x, weight, bias, eps):
+            return torch.rms_norm(x, shape, weight, eps)
+
+    axis = call.layout
+    if axis == -1:
+        run = rows
+    else:
+
+        def run(x, weight, bias, eps):
+            return rows(x.movedim(axis, -1), weight, bias, eps).movedim(-1, axis)
+
+    def recorded(x, weight, bias, eps):
+        _record("torch")
+        return run(x, weight, bias, eps)
+
+    return recorded
 
 
 class _Moved:

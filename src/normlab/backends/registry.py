@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from normlab import backends, spec
-from normlab.backends import native
+from normlab.backends import native, plans
 from normlab.kernels import composite
 from normlab.kernels.gpu import interpreting
 from normlab.ops import composite_op, kernel_ops
@@ -93,6 +93,8 @@ class Family:
     forward: Callable  # (call) -> (y, mean, var)
     add: Callable  # (call) -> (y, x + residual)
     power: Callable  # (call, nu, alpha_bkw) -> y
+    # (call) -> runner (x, weight, bias, eps) -> y for the calls of its plan key, or None
+    plan: Callable = lambda call: None
 
 
 # --- what a kernel family takes ------------------------------------------------------------
@@ -214,6 +216,52 @@ def _kernel_add(family: str):
     return add
 
 
+def _kernel_plan(family: str):
+    def plan(call: Call):
+        """Rows (LayerNorm/RMSNorm), groups (GroupNorm/InstanceNorm) and BatchNorm with
+        given statistics: the view is fixed by the plan key (shape, contiguity); weight,
+        bias and statistics come flat."""
+        layout, s = call.layout, call.spec
+        if call.stats or call.residual is not None or s.masked:
+            return None
+        if layout.kind == "rows" and s.stats == "batch":
+            name, center = "row_norm", s.center
+
+            def tail(eps):
+                return eps, center
+        elif layout.kind == "groups" and s.stats == "batch":
+            name, groups = "group_norm", layout.groups
+
+            def tail(eps):
+                return groups, eps, None
+        elif layout.kind == "channels" and s.stats == "given":
+            name = "batch_norm_given"
+
+            def tail(eps):
+                return (eps,)
+        else:
+            return None
+        op, launcher = getattr(kernel_ops, name), kernel_ops.implementation(family, name)
+        view = layout.view
+
+        def run(x, weight, bias, eps, *stats):
+            backends.record(family)
+            tensors = (
+                x.view(view),
+                None if weight is None else weight.reshape(-1),
+                None if bias is None else bias.reshape(-1),
+                *stats,
+            )
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+                return op(*tensors, *tail(eps), family)[0].view(x.shape)
+            # no graph to record: the launcher itself, without the op's dispatch
+            return launcher(*tensors, *tail(eps))[0].view(x.shape)
+
+        return run
+
+    return plan
+
+
 def _composite_add(call: Call):
     total = call.x + call.residual
     s = spec.NormSpec(call.spec.reduction, call.spec.feature, call.spec.center)
@@ -233,16 +281,17 @@ def _power(family: str):
 COMPOSITE = Family(
     "composite", _composite_takes, composite_op.forward, _composite_add, _power("composite")
 )
-TORCH = Family("torch", native.takes, native.forward, native.add, _power("composite"))
-NUMBA = Family(
-    "numba", _kernel_takes("numba"), _kernel_forward("numba"), _kernel_add("numba"), _power("numba")
-)
-TRITON = Family(
-    "triton",
-    _kernel_takes("triton"),
-    _kernel_forward("triton"),
-    _kernel_add("triton"),
-    _power("triton"),
+TORCH = Family("torch", native.takes, native.forward, native.add, _power("composite"), native.plan)
+NUMBA, TRITON = (
+    Family(
+        name,
+        _kernel_takes(name),
+        _kernel_forward(name),
+        _kernel_add(name),
+        _power(name),
+        _kernel_plan(name),
+    )
+    for name in ("numba", "triton")
 )
 FAMILIES = {family.name: family for family in (COMPOSITE, NUMBA, TRITON, TORCH)}
 
@@ -285,15 +334,21 @@ def _exporting_onnx() -> str | None:
 
 def _auto(call: Call) -> Family:
     """ "auto": the fused kernel of the input's device (Triton on CUDA; Numba on the CPU
-    from ``AUTO_MIN_ELEMENTS`` elements on, below which a launch costs more than it saves)
-    where it takes the call, else torch's own op where it computes the same thing, else the
+    from ``AUTO_MIN_ELEMENTS`` elements on, below which a launch costs more than it saves;
+    LayerNorm/RMSNorm that torch's ops take from ``AUTO_TORCH_ELEMENTS`` on) where it takes
+    the call, else torch's own op where it computes the same thing, else the
     composite. Under ONNX export, torch's ops (they export as standard ONNX normalization
     ops) or the composite (plain arithmetic): never a custom op ONNX does not know."""
     exporting = _exporting_onnx()
     call.exporting = exporting is not None
     if exporting is None:
         kernel = TRITON if call.x.device.type == "cuda" else NUMBA
-        small = kernel is NUMBA and call.x.numel() < backends.AUTO_MIN_ELEMENTS
+        small = False
+        if kernel is NUMBA:
+            n = call.x.numel()
+            small = n < backends.AUTO_MIN_ELEMENTS or (
+                call.spec.stats == "batch" and TORCH.takes(call) is None and n < _torch_bound(call)
+            )
         if not small and kernel.takes(call) is None:
             return kernel
     elif exporting == "torchscript":
@@ -307,6 +362,13 @@ def _auto(call: Call) -> Family:
                 "torch.onnx.export(..., dynamo=True), which exports every normlab layer"
             )
     return TORCH if TORCH.takes(call) is None else COMPOSITE
+
+
+def _torch_bound(call: Call) -> int:
+    """``AUTO_TORCH_ELEMENTS``'s entry for a call the torch family took (its layout set)."""
+    if isinstance(call.layout, spec.Layout):  # GroupNorm/InstanceNorm
+        return backends.AUTO_TORCH_ELEMENTS[2]
+    return backends.AUTO_TORCH_ELEMENTS[0 if call.spec.center else 1]
 
 
 def decide(call: Call) -> Family:
@@ -326,10 +388,15 @@ def decide(call: Call) -> Family:
     return family
 
 
-def run(call: Call):
+def run(call: Call, plan_key=None):
     """(y, mean, var) of the normalization ``call``, statistics in the accumulation dtype
-    and without gradient."""
-    return decide(call).forward(call)
+    and without gradient. ``plan_key``: the call's ``plans.key``; the decision is then
+    remembered as the family's runner for the later calls of that key."""
+    family = decide(call)
+    out = family.forward(call)
+    if plan_key is not None:
+        plans.put(plan_key, family.plan(call))
+    return out
 
 
 def run_add(call: Call):

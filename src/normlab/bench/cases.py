@@ -99,11 +99,16 @@ def _gpu_feature_cases(rows: int, features: list[int]) -> list[Case]:
     ]
 
 
-def _path_cases(decode: int, half: tuple[int, int], image, strided) -> list[Case]:
+def _path_cases(decode: int, half: tuple[int, int], image, strided, small_image) -> list[Case]:
     """The calls a converted model makes besides big contiguous float32 rows: decode-size
-    inputs (1 and 8 rows), bfloat16 and float16 on the CPU, channels-first LayerNorm and a
-    strided view."""
+    inputs (1 and 8 rows), bfloat16 and float16 on the CPU, channels-first LayerNorm, a
+    strided view, and one image's BatchNorm in eval, GroupNorm and InstanceNorm (a CNN or a
+    diffusion UNet at batch 1)."""
+    c = small_image[1]
     return [
+        Case("batch_norm", small_image, channel_dim=1, training=False),
+        Case("group_norm", small_image, groups=min(32, c)),
+        Case("instance_norm", small_image),
         *(Case(op, (rows, decode)) for op in ("layer_norm", "rms_norm") for rows in (1, 8)),
         *(
             Case(op, half, dtype=dtype)
@@ -131,7 +136,7 @@ def _image_cases(shape: tuple[int, int, int, int], groups: int) -> list[Case]:
 
 GRIDS: dict[str, list[Case]] = {
     "default": _feature_cases([(8192, 1024), (32768, 768), (4096, 4096)])
-    + _path_cases(4096, (8192, 1024), (16, 96, 56, 56), (2048, 1024))
+    + _path_cases(4096, (8192, 1024), (16, 96, 56, 56), (2048, 1024), (1, 256, 14, 14))
     + _batch_norm_cases((64, 256, 512), (64, 512, 256))
     + _image_cases((32, 256, 32, 32), 32),
     "quick": [
@@ -140,13 +145,15 @@ GRIDS: dict[str, list[Case]] = {
         Case("layer_norm", (8192, 1024), dtype="bfloat16"),
         Case("layer_norm", (16, 96, 56, 56), layout="channels_first"),
         Case("layer_norm", (2048, 1024), layout="strided"),
+        Case("batch_norm", (1, 256, 14, 14), channel_dim=1, training=False),
+        Case("group_norm", (1, 256, 14, 14), groups=32),
         Case("batch_norm", (64, 256, 512), channel_dim=1),
         Case("batch_norm", (64, 512, 256), channel_dim=-1, padding=PADDING),
         Case("batch_norm", (64, 256, 512), channel_dim=1, training=False),
         *_image_cases((32, 256, 32, 32), 32),
     ],
     "toy": _feature_cases([(64, 32)])
-    + _path_cases(32, (16, 32), (2, 8, 4, 4), (16, 32))
+    + _path_cases(32, (16, 32), (2, 8, 4, 4), (16, 32), (1, 8, 4, 4))
     + _batch_norm_cases((4, 8, 16), (4, 16, 8))
     + _image_cases((2, 8, 4, 4), 4),
     # On a CUDA device (``normlab.bench.gpu``): the issue's rows x features, and smaller.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
+from normlab.backends import plans
 from normlab.checks import (
     check_enough_values,
     check_renorm_limits,
@@ -19,7 +20,7 @@ from normlab.ops import normalize, real_count, statistics
 from normlab.spec import NormSpec
 
 
-def _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, flag):
+def _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, flag, key=None):
     check_running_stats(fn, running_mean, running_var, f"when {flag}")
     shape = norm_axes.param_shape(input.shape)
     y, _, _ = normalize(
@@ -30,6 +31,8 @@ def _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, fl
         eps,
         mean=as_param(running_mean, shape),
         var=as_param(running_var, shape),
+        stats=False,
+        plan_key=key,
     )
     return y
 
@@ -110,6 +113,16 @@ def batch_norm(
     batches with their own statistics; the running statistics are updated with their average.
     """
     fn = "batch_norm"
+    key = None
+    if not training and mask is None and lengths is None and virtual_batch_size is None:
+        # Eval with running statistics: a signature seen before runs the runner its first
+        # call's decision left (normlab.backends.plans).
+        stats = (weight, bias, running_mean, running_var)
+        key = plans.key(fn, input, eps, stats, dim, type(momentum))
+        if key is not None:
+            runner = plans.get(key)
+            if runner:
+                return runner(input, weight, bias, eps, running_mean, running_var)
     norm_axes, mask = prepare_batch_norm(
         fn, input, dim, mask, lengths, running_mean, running_var, weight, bias
     )
@@ -118,9 +131,8 @@ def batch_norm(
     updates = training and running_mean is not None
     check_scalar(momentum, fn=fn, argument="momentum", ranged=updates)
     if not training:
-        return _eval(
-            fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
-        )
+        flag = "training=False"
+        return _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, flag, key)
     check_training_eps(fn, eps)
     y, mean, var, count = _batch_statistics_norm(
         fn, input, norm_axes, mask, weight, bias, eps, virtual_batch_size
@@ -170,9 +182,8 @@ def batch_renorm(
     check_running_stats(fn, running_mean, running_var, "(the correction r, d is relative to them)")
     check_renorm_limits(fn, r_max, d_max)
     if not training:
-        return _eval(
-            fn, input, norm_axes, running_mean, running_var, weight, bias, eps, "training=False"
-        )
+        flag = "training=False"
+        return _eval(fn, input, norm_axes, running_mean, running_var, weight, bias, eps, flag)
     check_training_eps(fn, eps)
 
     def renorm_affine(mean, var, weight, bias):

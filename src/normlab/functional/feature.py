@@ -7,12 +7,22 @@ from collections.abc import Sequence
 import torch
 
 from normlab import axes as _axes
+from normlab.backends import plans
 from normlab.checks import InputError, check_floating, check_param, check_scalar
 from normlab.ops import add_normalize, normalize
 from normlab.spec import NormSpec
 
 
 def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, residual=None):
+    key = None
+    if residual is None:
+        # A signature seen before runs the runner its first call's decision left
+        # (normlab.backends.plans); a new one takes the full path below and leaves one.
+        key = plans.key(fn, x, eps, (weight, bias), normalized_shape, dim)
+        if key is not None:
+            runner = plans.get(key)
+            if runner:
+                return runner(x, weight, bias, eps)
     check_floating(x, fn=fn)
     check_scalar(eps, fn=fn, argument="eps")
     if residual is not None:
@@ -34,8 +44,19 @@ def _feature_norm(fn, x, normalized_shape, weight, bias, eps, dim, center, resid
     spec = NormSpec.of(norm_axes, center=center)
     if residual is not None:
         return add_normalize(spec, x, residual, weight, bias, eps)
-    y, _, _ = normalize(spec, x, weight, bias, eps, stats=False)
+    y, _, _ = normalize(spec, x, weight, bias, eps, stats=False, plan_key=key)
     return y
+
+
+_MACHINE_EPS: dict = {}
+
+
+def _machine_eps(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).eps``, looked up once per dtype (RMSNorm's default eps)."""
+    eps = _MACHINE_EPS.get(dtype)
+    if eps is None:
+        eps = _MACHINE_EPS[dtype] = torch.finfo(dtype).eps
+    return eps
 
 
 def _check_residual(fn, x, residual):
@@ -73,7 +94,7 @@ def rms_norm(
     """Root-mean-square normalization: x / sqrt(mean(x^2) + eps) * weight. ``eps=None`` is the
     machine epsilon of the input dtype, as ``torch.nn.functional.rms_norm``."""
     if eps is None and isinstance(input, torch.Tensor) and input.is_floating_point():
-        eps = torch.finfo(input.dtype).eps
+        eps = _machine_eps(input.dtype)
     return _feature_norm("rms_norm", input, normalized_shape, weight, None, eps, dim, False)
 
 
@@ -105,7 +126,7 @@ def add_rms_norm(
     """Fused residual add and RMSNorm: ``(rms_norm(input + residual, ...), input + residual)``;
     ``eps=None`` as in ``rms_norm``."""
     if eps is None and isinstance(input, torch.Tensor) and input.is_floating_point():
-        eps = torch.finfo(input.dtype).eps
+        eps = _machine_eps(input.dtype)
     return _feature_norm(
         "add_rms_norm", input, normalized_shape, weight, None, eps, dim, False, residual
     )

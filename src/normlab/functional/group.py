@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
+from normlab.backends import plans
 from normlab.checks import (
     check_channel_params,
     check_enough_values,
@@ -35,6 +36,14 @@ def group_norm(
     ``mask`` (bool, (N, *spatial); True = real) or ``lengths`` (for (N, C, L)) restrict the
     statistics to real positions; padding is normalized with them too."""
     fn = "group_norm"
+    key = None
+    if mask is None and lengths is None:
+        # A signature seen before runs its first call's decision (normlab.backends.plans).
+        key = plans.key(fn, input, eps, (weight, bias), num_groups)
+        if key is not None:
+            runner = plans.get(key)
+            if runner:
+                return _layout_like(input, runner(input, weight, bias, eps))
     check_floating(input, fn=fn)
     check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
     check_scalar(eps, fn=fn, argument="eps")
@@ -55,8 +64,12 @@ def group_norm(
     check_enough_values(count, input, fn=fn, per="group", masked=mask is not None, training=False)
     param_shape = (1, num_groups, channels // num_groups, 1)
     weight, bias = as_param(weight, param_shape), as_param(bias, param_shape)
-    y, _, _ = normalize(spec, x, weight, bias, eps, mask=mask)
-    y = y.reshape(input.shape)
+    y, _, _ = normalize(spec, x, weight, bias, eps, mask=mask, stats=False, plan_key=key)
+    return _layout_like(input, y.reshape(input.shape))
+
+
+def _layout_like(input, y):
+    """y in channels-last memory where the input is (torch.nn.GroupNorm's output is)."""
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
-        y = y.contiguous(memory_format=torch.channels_last)
+        return y.contiguous(memory_format=torch.channels_last)
     return y

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from normlab import axes as _axes
+from normlab.backends import plans
 from normlab.checks import (
     check_channel_params,
     check_enough_values,
@@ -40,6 +41,15 @@ def instance_norm(
     ``mask`` (bool, (N, *spatial); True = real) or ``lengths`` (for (N, C, L)) restrict each
     instance's statistics to its real positions; padding is normalized with them too."""
     fn = "instance_norm"
+    key = None
+    untracked = running_mean is None and running_var is None
+    if use_input_stats and untracked and mask is None and lengths is None:
+        # A signature seen before runs its first call's decision (normlab.backends.plans).
+        key = plans.key(fn, input, eps, (weight, bias), type(momentum))
+        if key is not None:
+            runner = plans.get(key)
+            if runner:
+                return runner(input, weight, bias, eps)
     check_floating(input, fn=fn)
     check_min_ndim(input, 2, fn=fn, layout="(N, C, *spatial)")
     check_scalars(fn, eps=eps)
@@ -77,9 +87,11 @@ def instance_norm(
     check_enough_values(
         count, input, fn=fn, per="instance (sample, channel)", masked=mask is not None
     )
-    y, mean, var = normalize(spec, input, weight, bias, eps, mask=mask)
+    y, mean, var = normalize(
+        spec, input, weight, bias, eps, mask=mask, stats=not untracked, plan_key=key
+    )
     n = input.shape[0]
-    if n:
+    if n and not untracked:
         update_running_stats(
             running_mean,
             running_var,

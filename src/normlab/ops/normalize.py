@@ -25,6 +25,7 @@ def normalize(
     mask: torch.Tensor | None = None,
     sync=None,
     stats: bool = True,
+    plan_key=None,
 ):
     """y = weight * (x - mean) / sqrt(var + eps) + bias over ``spec.reduction``.
 
@@ -36,9 +37,10 @@ def normalize(
     dtype and without gradient. ``normlab.backends`` chooses and reports the backend.
     ``sync``: a statistics hook (``normlab.distributed.sync_batch_norm.SyncStatistics``)
     that computes the batch statistics over every rank's real elements. ``stats=False``: the
-    caller discards the statistics, which may then be None."""
+    caller discards the statistics, which may then be None. ``plan_key``: the call's
+    ``normlab.backends.plans.key``, under which the decision is remembered."""
     call = registry.Call(spec, x, weight, bias, eps, mean, var, mask, sync=sync, stats=stats)
-    return registry.run(call)
+    return registry.run(call, plan_key)
 
 
 def add_normalize(

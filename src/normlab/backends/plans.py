@@ -1,0 +1,92 @@
+"""Per-call plans: the registry's decision for a LayerNorm/RMSNorm call, remembered.
+
+A decode step calls the same norm on the same shapes thousands of times, and at that size
+deciding anew (the argument checks, the spec, the layout, the routing) costs several times
+torch's own kernel. So the first call of a signature takes the full path (the checks of
+``normlab.checks``, the ``NormSpec``, ``registry.decide``) and the family that won turns its
+decision into a runner ``(x, weight, bias, eps) -> y`` (``Family.plan``); later calls with
+the same ``key`` run that runner directly. Nothing is decided twice: the runner is the
+decision, made once.
+
+The key holds everything the checks and the decision read: the entry point, the arguments
+(``normalized_shape``, ``dim``, ``eps``), the input's shape, dtype, device and contiguity,
+the parameters' shapes, dtypes and devices, whether a float16/bfloat16 call needs a
+gradient (the torch family refuses those), the requested backend and the size thresholds of "auto".
+Plans are eager only: no key (the full path) under ``torch.compile``, TorchScript tracing
+(``torch.onnx.export(dynamo=False)``), for tensor subclasses (the fake and functional
+tensors of ``torch.export`` and the dynamo ONNX exporter) and for a tensor ``eps``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normlab import backends
+
+HALF = (torch.float16, torch.bfloat16)
+MAX_PLANS = 1024  # distinct signatures kept; beyond that the memo starts over
+NO_PLAN = False  # remembered for signatures whose family has no runner: the full path
+
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_plans: dict = {}
+
+
+def key(fn: str, x, eps, tensors, *args):
+    """The memo key of a call (``tensors``: its weight, bias and statistics, each a tensor or
+    None; ``args``: its other arguments, hashable), or None when the call must take the full
+    path."""
+    if (
+        type(x) is not torch.Tensor
+        or type(eps) is not float
+        or torch._C._get_tracing_state() is not None
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    parts = [fn, eps, *args]
+    for t in tensors:
+        if t is None:
+            parts.append(None)
+        elif type(t) in _TENSORS:
+            parts.append((t.shape, t.dtype, t.device))
+        else:
+            return None
+    dtype = x.dtype
+    half_grad = (
+        dtype in HALF
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, *tensors))
+    )
+    parts += (
+        x.shape,
+        dtype,
+        x.device,
+        x.is_contiguous(),
+        half_grad,
+        backends.get_backend(),
+        backends.AUTO_MIN_ELEMENTS,
+        backends.AUTO_TORCH_ELEMENTS,
+    )
+    return tuple(parts)
+
+
+def get(key):
+    """The runner remembered under ``key``: a callable, ``NO_PLAN``, or None (not seen)."""
+    try:
+        return _plans.get(key)
+    except TypeError:  # an unhashable argument (normalized_shape as a list): no memo
+        return NO_PLAN
+
+
+def put(key, runner) -> None:
+    """Remember ``runner`` (or ``NO_PLAN``) for ``key``."""
+    try:
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        _plans[key] = NO_PLAN if runner is None else runner
+    except TypeError:
+        pass
+
+
+def clear() -> None:
+    """Forget every plan (tests; after changing what a family takes)."""
+    _plans.clear()

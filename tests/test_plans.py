@@ -1,0 +1,275 @@
+"""Per-call plans (``normlab.backends.plans``): a LayerNorm/RMSNorm signature is decided once;
+later calls run the runner that decision left, with the same result, and every change the
+checks or the decision would see (shape, dtype, contiguity, parameters, eps, backend,
+thresholds, a half-precision gradient, tracing) takes the full path again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normlab
+from normlab import backends
+from normlab import functional as F
+from normlab.backends import plans, registry
+from normlab.checks import InputError
+
+
+@pytest.fixture
+def decisions(monkeypatch):
+    """The list of calls ``registry.decide`` saw (each a full-path call)."""
+    seen = []
+    decide = registry.decide
+
+    def counting(call):
+        seen.append(call)
+        return decide(call)
+
+    monkeypatch.setattr(registry, "decide", counting)
+    return seen
+
+
+def _unplanned(fn, *args, **kwargs):
+    plans.clear()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        plans.clear()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "numba", "triton", "composite"])
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_a_signature_is_decided_once_and_its_plan_gives_the_full_paths_result(
+    name, backend, decisions
+):
+    if backend == "numba" and not backends.numba_available():
+        pytest.skip("numba is not installed")
+    if backend == "triton" and not backends.triton_available():
+        pytest.skip("triton is not installed")
+    fn = getattr(F, name)
+    x = torch.randn(6, 33) * 3 + 2
+    w = torch.randn(33, requires_grad=True)
+    with backends.use(backend):
+        first = fn(x, (33,), w)
+        ran = backends.last_used()
+        again = [fn(x, (33,), w) for _ in range(3)]
+        backends.record(None)
+        fn(x, (33,), w)
+        assert backends.last_used() == ran  # a planned call records its family too
+    planned = backend != "composite"  # the composite leaves no runner: full path each time
+    assert len(decisions) == (1 if planned else 5)
+    for y in again:
+        torch.testing.assert_close(y, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_planned_gradients_equal_the_full_paths(name, backend):
+    fn = getattr(F, name)
+    x0 = torch.randn(4, 40, dtype=torch.float64) + 5
+    w0 = torch.randn(40, dtype=torch.float64)
+    grads = []
+    with backends.use(backend):
+        for _ in range(3):  # first: full path; then the plan, under grad and under no_grad
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = fn(x, (40,), w)
+            (y * torch.arange(40.0, dtype=torch.float64)).sum().backward()
+            grads.append((y.detach(), x.grad, w.grad))
+        with torch.no_grad():
+            torch.testing.assert_close(fn(x0, (40,), w0), grads[0][0], rtol=0, atol=0)
+    for got in grads[1:]:
+        for a, b in zip(got, grads[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.autograd.gradcheck(lambda x, w: fn(x, (40,), w), (x, w))  # through the plan
+
+
+def test_every_input_change_the_checks_read_takes_the_full_path(decisions):
+    x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
+    F.layer_norm(x, (8,), w, b)
+    variants = [
+        lambda: F.layer_norm(torch.randn(5, 8), (8,), w, b),  # shape
+        lambda: F.layer_norm(x.double(), (8,), w.double(), b.double()),  # dtype
+        lambda: F.layer_norm(torch.randn(8, 4).t(), (8,), w, b),  # strides
+        lambda: F.layer_norm(x, (8,), w, None),  # parameters
+        lambda: F.layer_norm(x, (8,), w, b, eps=1e-3),  # eps
+        lambda: F.layer_norm(x, (8,), w, b, dim=-1),  # dim
+        lambda: F.rms_norm(x, (8,), w),  # the norm
+    ]
+    for n, variant in enumerate(variants, start=2):
+        variant()
+        assert len(decisions) == n
+        variant()
+        assert len(decisions) == n  # and is planned in turn
+
+
+def test_bad_arguments_after_a_planned_call_still_raise():
+    x, w = torch.randn(4, 8), torch.randn(8)
+    F.layer_norm(x, (8,), w)
+    F.layer_norm(x, (8,), w)
+    with pytest.raises(InputError, match="weight must have shape"):
+        F.layer_norm(x, (8,), torch.randn(7))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        F.layer_norm(x, (8,), w, eps=-1.0)
+    with pytest.raises(InputError, match="trailing shape"):
+        F.layer_norm(torch.randn(4, 9), (8,), w)
+    with pytest.raises(TypeError, match=r"weight must be a torch\.Tensor or None"):
+        F.layer_norm(x, (8,), [1.0] * 8)
+
+
+def test_the_backend_and_the_thresholds_are_part_of_the_decision(monkeypatch):
+    x = torch.randn(16, 64)
+    with backends.use("auto"):
+        F.layer_norm(x, (64,))
+        assert backends.last_used() == "numba"  # conftest: the kernels from 0 elements
+        monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (1 << 20, 1 << 18, 1 << 20))
+        F.layer_norm(x, (64,))
+        assert backends.last_used() == "torch"
+    with backends.use("composite"):
+        F.layer_norm(x, (64,))
+        assert backends.last_used() == "composite"
+
+
+def test_a_half_precision_gradient_is_part_of_the_decision():
+    """torch's half-precision LayerNorm is refused a gradient (normlab's tolerance): the
+    same shapes with and without one are two decisions."""
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with backends.use("auto"):
+        F.layer_norm(x, (16,))
+        assert backends.last_used() == "torch"
+        xg = x.clone().requires_grad_()
+        F.layer_norm(xg, (16,)).float().sum().backward()
+        assert backends.last_used() != "torch"
+        assert xg.grad is not None and xg.grad.dtype == torch.bfloat16
+        with torch.no_grad():
+            F.layer_norm(xg, (16,))
+        assert backends.last_used() == "torch"
+
+
+def test_tracing_and_unhashable_arguments_take_the_full_path(decisions):
+    m = normlab.LayerNorm(8)
+    x = torch.randn(3, 8)
+    m(x)
+    m(x)
+    assert len(decisions) == 1
+    traced = torch.jit.trace(m, x, check_trace=False)
+    assert len(decisions) == 2  # tracing decides anew (the exporters read the decision)
+    torch.testing.assert_close(traced(x), m(x))
+    F.layer_norm(x, [8])  # a list: no key, every call decided
+    F.layer_norm(x, [8])
+    assert len(decisions) == 4
+    F.layer_norm(x, (8,), eps=torch.tensor(1e-5))  # a tensor eps: no key
+    F.layer_norm(x, (8,), eps=torch.tensor(1e-5))
+    assert len(decisions) == 6
+
+
+def test_compiled_calls_do_not_use_plans():
+    m = normlab.RMSNorm(16)
+    x = torch.randn(4, 16)
+    eager = m(x)
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager)
+    torch.testing.assert_close(compiled(x), eager)
+
+
+def test_the_memo_is_bounded(monkeypatch):
+    monkeypatch.setattr(plans, "MAX_PLANS", 4)
+    for n in range(1, 12):
+        F.layer_norm(torch.randn(n, 8), (8,))
+    assert 0 < len(plans._plans) <= 4
+    assert _unplanned(F.layer_norm, torch.ones(2, 8), (8,)).abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "numba", "composite"])
+def test_batch_norm_eval_is_planned_exact_and_differentiable(backend, decisions):
+    """BatchNorm with running statistics: decided once per signature, and exact on data far
+    from zero in float32 (torch's own eval op loses 0.1 there; normlab hands it x - mean)."""
+    x0 = (1e4 + 1e-3 * torch.randn(4, 6, 50, dtype=torch.float64)).float()
+    mean = x0.double().mean((0, 2)).float()
+    var = x0.double().var((0, 2), unbiased=False).float()
+    w, b = torch.randn(6), torch.randn(6)
+    want = torch.nn.functional.batch_norm(
+        x0.double(), mean.double(), var.double(), w.double(), b.double()
+    )
+    outs, grads = [], []
+    with backends.use(backend):
+        for _ in range(3):
+            x, wg = x0.clone().requires_grad_(), w.clone().requires_grad_()
+            y = F.batch_norm(x, mean, var, wg, b)
+            y.sum().backward()
+            outs.append(y.detach())
+            grads.append((x.grad, wg.grad))
+        with torch.no_grad():
+            outs.append(F.batch_norm(x0, mean, var, w, b))
+    assert len(decisions) == (4 if backend == "composite" else 1)
+    for y in outs:
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-6)
+    for got in grads[1:]:
+        for a, c in zip(got, grads[0], strict=True):
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][0], (w / (var + 1e-5).sqrt())[:, None].expand(4, 6, 50))
+
+
+def test_batch_norm_module_in_eval_uses_its_plan_after_a_training_step(decisions):
+    m = normlab.BatchNorm1d(6)
+    x = torch.randn(8, 6, 5)
+    m(x)  # training: batch statistics, not planned
+    m.eval()
+    first = m(x)
+    n = len(decisions)
+    torch.testing.assert_close(m(x), first, rtol=0, atol=0)
+    assert len(decisions) == n
+    with torch.no_grad():
+        m.running_mean.add_(1.0)  # new values, same signature: the plan reads them
+    torch.testing.assert_close(m(x), first - 1.0 / (m.running_var + m.eps).sqrt()[:, None])
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "numba"])
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_group_and_instance_norm_are_planned_and_exact(norm, backend, decisions):
+    """GroupNorm/InstanceNorm without a mask: decided once per signature; torch's op is
+    handed each group shifted by its first element (its own float32 op loses 0.16 on
+    1e4 + 1e-3 noise)."""
+    x0 = (1e4 + 1e-3 * torch.randn(2, 6, 5, 7, dtype=torch.float64)).float()
+    w, b = torch.randn(6), torch.randn(6)
+    if norm == "group":
+
+        def run(x, w):
+            return F.group_norm(x, 3, w, b.to(x.dtype))
+
+        want = torch.nn.functional.group_norm(x0.double(), 3, w.double(), b.double())
+    else:
+
+        def run(x, w):
+            return F.instance_norm(x, weight=w, bias=b.to(x.dtype))
+
+        want = torch.nn.functional.instance_norm(x0.double(), weight=w.double(), bias=b.double())
+    outs, grads = [], []
+    with backends.use(backend):
+        for _ in range(3):
+            x, wg = x0.clone().requires_grad_(), w.clone().requires_grad_()
+            y = run(x, wg)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            outs.append(y.detach())
+            grads.append((x.grad, wg.grad))
+        with torch.no_grad():
+            outs.append(run(x0, w))
+        ran = backends.last_used()
+    assert ran == ("numba" if backend == "auto" else backend)  # conftest: kernels from 0
+    assert len(decisions) == 1
+    for y in outs:
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-5)
+    for got in grads[1:]:
+        for a, c in zip(got, grads[0], strict=True):
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+    x = x0[:1, :, :2, :3].double().requires_grad_()
+    with backends.use(backend if backend != "numba" else "torch"):
+        torch.autograd.gradgradcheck(lambda x: run(x, w.double()), (x,))
+
+
+def test_group_norm_keeps_channels_last_on_a_planned_call():
+    m = normlab.GroupNorm(2, 4)
+    x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    first, again = m(x), m(x)
+    for y in (first, again):
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
