@@ -98,7 +98,6 @@ def native_float16() -> bool:
 
 
 _U = np.uint32
-_EXPONENT = _U(0x7C00 << 13)  # float16's exponent field, at float32's place
 _REBIAS = _U((127 - 15) << 23)  # float32 bias - float16 bias, in the exponent field
 _SUBNORMAL = _U(113 << 23)  # 2^-14, float16's smallest normal, as float32 bits
 _HALF_OVERFLOW = _U((127 + 16) << 23)  # 65536: Inf from here on
@@ -107,7 +106,7 @@ _ALIGN = _U((127 - 15 + 23 - 10 + 1) << 23)  # 0.5: its ulp is float16's subnorm
 
 @serial
 def _pick(condition, a, b):
-    """a if condition else b (uint32) without a branch, so that loops stay vectorized."""
+    """a if condition else b (uint32), as bit masks rather than a branch."""
     mask = _U(0) - _U(condition)
     return (a & mask) | (b & ~mask)
 
