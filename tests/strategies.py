@@ -48,7 +48,7 @@ def budget(ci_examples: int) -> settings:
     return settings(settings.get_profile(PROFILE), max_examples=ci_examples * factor)
 
 
-FLOAT_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the Numba kernels take
+FLOAT_KERNEL_DTYPES = (torch.float32, torch.float64)  # what every Numba kernel takes
 FLOAT_DTYPES = (*FLOAT_KERNEL_DTYPES, torch.float16, torch.bfloat16)
 
 # How a tensor lies in memory: the Numba backend takes contiguous input only, so the other

@@ -349,16 +349,21 @@ def test_non_contiguous_input_runs_torchs_op_and_agrees():
     torch.testing.assert_close(y, y_contiguous, **tol(torch.float32))
 
 
+def _bfloat16_group_norm():
+    x = torch.randn(4, 6, 5, dtype=torch.bfloat16)
+    return NF.group_norm(x, 2, torch.ones(6, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize(
-    ("make", "reason"),
+    ("call", "reason"),
     [
-        (lambda: torch.randn(4, 10)[:, ::2], "not contiguous"),
-        (lambda: torch.randn(4, 5, dtype=torch.bfloat16), "dtype"),
+        (lambda: NF.layer_norm(torch.randn(4, 10)[:, ::2], (5,)), "not contiguous"),
+        (_bfloat16_group_norm, "dtype torch.bfloat16: .* rows layout only"),
     ],
 )
-def test_forcing_numba_on_an_input_it_cannot_take_says_why(make, reason):
+def test_forcing_numba_on_an_input_it_cannot_take_says_why(call, reason):
     with backends.use("numba"), pytest.raises(ValueError, match=reason):
-        NF.layer_norm(make(), (5,))
+        call()
 
 
 def test_auto_takes_numba_for_the_layouts_it_was_written_for():

@@ -86,15 +86,16 @@ def routing_table(device: str = "cpu") -> dict[str, str]:
 # The CPU routing under "auto" (C: composite, N: numba, T: torch's own ops), per call, for
 # f32 f64 bf16 at the small size, then at the large size, then at the huge size. LayerNorm/
 # RMSNorm/GroupNorm/InstanceNorm stay with torch's op up to AUTO_TORCH_ELEMENTS, where the
-# Numba kernels win.
+# Numba kernels win. The Numba kernels take bf16 in the rows layout only (LayerNorm/RMSNorm/
+# fused add over trailing axes).
 CPU_ROUTES = {
-    "layer_norm": "T T T T T T N N T",
-    "layer_norm-no-affine": "T T T T T T N N T",
-    # channels-first LayerNorm: the column kernel from AUTO_TORCH_COLUMN_ELEMENTS on
+    "layer_norm": "T T T T T T N N N",
+    "layer_norm-no-affine": "T T T T T T N N N",
+    # channels-first LayerNorm: the column kernel from AUTO_TORCH_COLUMN_ELEMENTS on (not bf16)
     "layer_norm-dim1": "T T T N N T N N T",
     "layer_norm-non-contiguous": "T T T T T T T T T",
-    "rms_norm": "T T T T T T N N T",
-    "add_layer_norm": "T T T T T T N N T",
+    "rms_norm": "T T T T T T N N N",
+    "add_layer_norm": "T T T T T T N N N",
     "group_norm": "T T T T T T N N T",
     "group_norm-masked": "C C C N N C N N C",
     "instance_norm": "T T T T T T N N T",
@@ -173,7 +174,24 @@ CHANNELS = NormSpec((0, 2), (1,))
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
-        (lambda: _call(torch.randn(4, 8).to(torch.bfloat16), ROWS), "input dtype torch.bfloat16"),
+        (
+            lambda: _call(torch.randn(6, 4, 5).to(torch.bfloat16), CHANNELS),
+            "input dtype torch.bfloat16: the numba kernels take half precision in the rows "
+            "layout only (LayerNorm/RMSNorm over trailing axes), not the channels layout",
+        ),
+        (
+            lambda: _call(
+                torch.randn(2, 4, 8, 3).half(),
+                NormSpec((2, 3), (1,)),
+                torch.ones(1, 4, 1, 1, dtype=torch.float16),
+            ),
+            "input dtype torch.float16: the numba kernels take half precision in the rows "
+            "layout only (LayerNorm/RMSNorm over trailing axes), not the groups layout",
+        ),
+        (
+            lambda: _call(torch.randn(4, 8).to(torch.int32), ROWS),
+            "input dtype torch.int32, the numba kernels take float32, float64, float16, bfloat16",
+        ),
         (lambda: _call(torch.randn(8, 4).t(), ROWS), "input is not contiguous"),
         (lambda: _call(torch.randn(0, 8), ROWS), "empty input"),
         (

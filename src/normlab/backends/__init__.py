@@ -2,7 +2,8 @@
 
 - ``"numba"``: the fused CPU kernels (``normlab.kernels.cpu``), registered as torch custom
   ops. They take contiguous float32/float64 CPU tensors in the layouts they were written
-  for (``normlab.spec.layout``).
+  for (``normlab.spec.layout``), and float16/bfloat16 in the rows layout (LayerNorm,
+  RMSNorm and the fused add over trailing axes; float32 arithmetic, output rounded once).
 - ``"triton"``: the fused GPU kernels (``normlab.kernels.gpu``, the optional extra
   ``normlab[gpu]``), behind the same custom ops. They take contiguous float32, float16 and
   bfloat16 CUDA tensors in the same layouts (float64 runs the composite: the kernels

@@ -35,10 +35,15 @@ from normlab.kernels.gpu import interpreting
 from normlab.ops import composite_op, kernel_ops
 
 KERNEL_DTYPES = {
-    "numba": (torch.float32, torch.float64),
+    # float16/bfloat16: the rows kernels only (``ROWS_ONLY_DTYPES``).
+    "numba": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     # float64 is left to the composite: the Triton kernels accumulate in float32.
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
+
+# Dtypes of KERNEL_DTYPES that a family's kernels take in the rows layout only (LayerNorm,
+# RMSNorm, the fused add): the Numba group, channel and column kernels read float32/float64.
+ROWS_ONLY_DTYPES = {"numba": (torch.float16, torch.bfloat16), "triton": ()}
 
 # Layouts whose custom ops have a Triton implementation (``kernel_ops.TRITON``); "columns"
 # (LayerNorm/RMSNorm over a non-trailing axis) is Numba-only.
@@ -148,6 +153,11 @@ def _kernel_takes(family: str):
             return "PowerNorm's kernels are channel kernels"
         if family == "triton" and found.kind not in TRITON_LAYOUTS:
             return f"no Triton kernel for the {found.kind} layout"
+        if found.kind != "rows" and x.dtype in ROWS_ONLY_DTYPES[family]:
+            return (
+                f"input dtype {x.dtype}: the {family} kernels take half precision in the rows "
+                f"layout only (LayerNorm/RMSNorm over trailing axes), not the {found.kind} layout"
+            )
         call.layout = found
         return None
 

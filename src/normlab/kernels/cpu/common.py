@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from normlab.kernels.cpu.half import store
 from normlab.kernels.cpu.runtime import chunk_bounds, serial
 
 serial_chunk_bounds = serial(chunk_bounds)
@@ -32,4 +33,4 @@ def add_blocks(partial, out):
         for j in range(acc.shape[0]):
             acc[j] += p[j]
     for j in range(acc.shape[0]):
-        out[j] = acc[j]
+        store(out, j, acc[j])

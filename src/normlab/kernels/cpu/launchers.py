@@ -3,7 +3,9 @@
 The CPU counterparts of the Triton launchers in ``normlab.kernels.gpu`` (same arguments and
 outputs), registered as the CPU implementations of the custom ops in
 ``normlab.ops.kernel_ops``. They take contiguous float32/float64 views in the layouts of
-``normlab.spec.Layout`` (rows: (R, N); groups: (N, C, S); channels: (A, C, B)), weight and
+``normlab.spec.Layout`` (rows: (R, N); groups: (N, C, S); channels: (A, C, B)); the rows
+launchers also float16/bfloat16 (weight and bias of the same dtype, outputs and parameter
+gradients of that dtype, computed in float32 and rounded once), weight and
 bias as (features,) or None, masks as uint8 views; they allocate the outputs, hand the
 kernels NumPy views of the tensors' memory (no copy) and run them with as many threads as
 torch uses.
@@ -30,15 +32,25 @@ def _kernels(family: str):
     return module
 
 
+# Half tensors reach the kernels as integer views of their bits (``normlab.kernels.cpu.half``:
+# Numba has no float16 or bfloat16), one integer dtype per format.
+HALF_BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
+
+
 def array(t: torch.Tensor) -> np.ndarray:
-    """The tensor's memory as a NumPy array (no copy; the tensor must be contiguous)."""
+    """The tensor's memory as a NumPy array (no copy; the tensor must be contiguous);
+    float16/bfloat16 as the integer view of ``HALF_BITS``."""
+    bits = HALF_BITS.get(t.dtype)
+    if bits is not None:
+        return t.detach().view(torch.int16).numpy().view(bits)
     return t.detach().numpy()
 
 
 def param(t: torch.Tensor | None, n: int, fill: float, like: torch.Tensor) -> np.ndarray:
-    """A (n,) parameter array: the tensor, or ones/zeros when the norm has none."""
+    """A (n,) parameter array: the tensor, or ones/zeros (of ``like``'s dtype) when the norm
+    has none."""
     if t is None:
-        return np.full(n, fill, dtype=array(like[:0]).dtype)
+        return array(torch.full((n,), fill, dtype=like.dtype))
     return array(t.reshape(n).contiguous())
 
 

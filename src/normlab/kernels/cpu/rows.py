@@ -1,6 +1,14 @@
 """LayerNorm and RMSNorm over the last axis of a (rows, features) array, and the fused
 residual add: one parallel task per row, float64 accumulation for float32 input too.
 
+float16/bfloat16 arrays come as integer views of their bits (``normlab.kernels.cpu.half``):
+every element is read with ``load`` (widened exactly to float32) and written with ``store``
+(rounded once, to nearest even), arithmetic and per-block sums are float32 (``compute``),
+and the deviations are taken from the row's first element k (``_shift``): x - k is exact
+for x near k, so the float32 mean of x - k keeps the spread of rows far from zero. The same
+code compiles to plain float32/float64 indexing and float64 arithmetic (k = 0) for the
+other dtypes.
+
 Per row of N features (``center``: LayerNorm; otherwise RMSNorm, whose mean is 0):
 
     mean = (1/N) sum x                  var = (1/N) sum (x - mean)^2   (two passes, cached)
@@ -22,43 +30,54 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds
+from normlab.kernels.cpu.half import compute, load, pivot, store
 from normlab.kernels.cpu.runtime import kernel, serial
 
 
 @serial
-def _sum(row):
-    """sum row, in float64."""
-    s = 0.0
+def _sum(row, k):
+    """sum (row - k), in ``compute``'s dtype (k: ``pivot(row)``)."""
+    s = compute(row, 0.0)
     for j in range(row.shape[0]):
-        s += row[j]
+        s += load(row, j) - k
     return s
 
 
 @serial
-def _squared_deviation(row, mu):
-    """sum (row - mu)^2, in float64."""
-    s = 0.0
+def _squared_deviation(row, k, mu):
+    """sum ((row - k) - mu)^2, in ``compute``'s dtype."""
+    s = compute(row, 0.0)
     for j in range(row.shape[0]):
-        d = row[j] - mu
+        d = (load(row, j) - k) - mu
         s += d * d
     return s
 
 
 @serial
-def _affine(row, mu, rs, weight, bias, out):
-    """out = (row - mu) * rs * weight + bias, computed in float64, rounded once."""
+def _affine(row, k, mu, rs, weight, bias, out):
+    """out = ((row - k) - mu) * rs * weight + bias, computed in ``compute``'s dtype, rounded
+    once."""
     for j in range(row.shape[0]):
-        out[j] = (row[j] - mu) * rs * weight[j] + bias[j]
+        store(out, j, ((load(row, j) - k) - mu) * rs * load(weight, j) + load(bias, j))
 
 
 @serial
-def _normalize_row(row, total, weight, bias, eps, center, out):
-    """Normalizes ``row`` (whose sum is ``total``) into ``out``; returns (mean, rstd)."""
+def _shift(row, center):
+    """The pivot k that the row kernels subtract first (``half.pivot``; 0 for RMSNorm, whose
+    deviations are from 0): x - k is exact, and the mean of x - k keeps the spread of data
+    far from zero in float32."""
+    return pivot(row) if center else compute(row, 0.0)
+
+
+@serial
+def _normalize_row(row, k, total, weight, bias, eps, center, out):
+    """Normalizes ``row`` (whose sum of row - k is ``total``) into ``out``; returns (mean,
+    rstd) in float64."""
     n = row.shape[0]
-    mu = div(total, n) if center else 0.0
-    rs = rsqrt(div(_squared_deviation(row, mu), n) + eps)
-    _affine(row, mu, rs, weight, bias, out)
-    return mu, rs
+    mu = compute(row, div(total, n)) if center else compute(row, 0.0)  # mean of row - k
+    rs = compute(row, rsqrt(div(_squared_deviation(row, k, mu), n) + eps))
+    _affine(row, k, mu, rs, weight, bias, out)
+    return np.float64(k) + np.float64(mu), np.float64(rs)
 
 
 @kernel
@@ -70,8 +89,9 @@ def row_norm_forward(x, weight, bias, eps, center, y, mean, rstd):
     """
     for r in prange(x.shape[0]):
         xr = x[r]
-        total = _sum(xr) if center else 0.0
-        mu, rs = _normalize_row(xr, total, weight, bias, eps, center, y[r])
+        k = _shift(xr, center)
+        total = _sum(xr, k) if center else compute(xr, 0.0)
+        mu, rs = _normalize_row(xr, k, total, weight, bias, eps, center, y[r])
         mean[r] = mu
         rstd[r] = rs
 
@@ -82,56 +102,61 @@ def add_row_norm_forward(x, residual, weight, bias, eps, center, y, sum_out, mea
     adds, stores and sums; the statistics and y are computed from the rounded sum."""
     for r in prange(x.shape[0]):
         xr, rr, sr = x[r], residual[r], sum_out[r]
-        total = 0.0
+        if xr.shape[0] > 0:
+            store(sr, 0, load(xr, 0) + load(rr, 0))
+        k = _shift(sr, center)
+        total = compute(sr, 0.0)
         for j in range(xr.shape[0]):
-            v = xr[j] + rr[j]
-            sr[j] = v
-            total += v
-        mu, rs = _normalize_row(sr, total, weight, bias, eps, center, y[r])
+            store(sr, j, load(xr, j) + load(rr, j))
+            total += load(sr, j) - k
+        mu, rs = _normalize_row(sr, k, total, weight, bias, eps, center, y[r])
         mean[r] = mu
         rstd[r] = rs
 
 
 @serial
-def _row_input_gradient(dyr, xr, weight, m0, rs, center, extra, has_extra, dxr):
-    """dx of one row (plus ``extra`` if ``has_extra``) into ``dxr``; returns the row's
-    float64 mean.
+def _row_input_gradient(dyr, xr, weight, p, m0, rs, center, extra, has_extra, dxr):
+    """dx of one row (plus ``extra`` if ``has_extra``) into ``dxr``; returns the row's mean
+    of x - p (p: the row's ``_shift``). Arithmetic in ``compute``'s dtype (p, m0 = the
+    stored mean - p, and rs in it).
 
-    The stored mean m0 may be rounded (float32): the float64 mean m0 + delta, with
-    delta = mean(x - m0), is recovered in the same pass as the gradient sums, and
-    sum(g * xhat) = rstd * (sum(g * (x - m0)) - delta * sum(g)).
+    The stored mean may be rounded (float32): the mean m0 + delta, with
+    delta = mean(x - p - m0), is recovered in the same pass as the gradient sums, and
+    sum(g * xhat) = rstd * (sum(g * (x - p - m0)) - delta * sum(g)).
     """
     n = xr.shape[0]
-    sd = 0.0
-    sg = 0.0
-    sgd = 0.0
+    sd = compute(xr, 0.0)
+    sg = compute(xr, 0.0)
+    sgd = compute(xr, 0.0)
     for j in range(n):
-        d = xr[j] - m0
-        g = dyr[j] * weight[j]
+        d = (load(xr, j) - p) - m0
+        g = load(dyr, j) * load(weight, j)
         sd += d
         sg += g
         sgd += g * d
     # One reciprocal with several uses: a lone ``a / n`` would be sunk into the loop below
     # by LLVM's reassociation (a vector division per element).
-    inv_n = div(1.0, n)
-    delta = sd * inv_n if center else 0.0
+    inv_n = compute(xr, div(1.0, n))
+    delta = sd * inv_n if center else compute(xr, 0.0)
     mu = m0 + delta
-    c1 = sg * inv_n if center else 0.0
+    c1 = sg * inv_n if center else compute(xr, 0.0)
     c2 = rs * (sgd - delta * sg) * inv_n
     if has_extra:
         for j in range(n):
-            xh = (xr[j] - mu) * rs
-            dxr[j] = rs * (dyr[j] * weight[j] - c1 - xh * c2) + extra[j]
+            xh = ((load(xr, j) - p) - mu) * rs
+            g = load(dyr, j) * load(weight, j)
+            store(dxr, j, rs * (g - c1 - xh * c2) + load(extra, j))
     else:
         for j in range(n):
-            xh = (xr[j] - mu) * rs
-            dxr[j] = rs * (dyr[j] * weight[j] - c1 - xh * c2)
+            xh = ((load(xr, j) - p) - mu) * rs
+            store(dxr, j, rs * (load(dyr, j) * load(weight, j) - c1 - xh * c2))
     return mu
 
 
 @serial
-def _affine_sums(dy, x, mus, rstd, r, k, pw, pb):
-    """pw += sum dy * xhat, pb += sum dy over the k rows r, r+1, ... (float64 means mus).
+def _affine_sums(dy, x, mus, rstd, center, r, k, pw, pb):
+    """pw += sum dy * xhat, pb += sum dy over the k rows r, r+1, ... (mus: their means of
+    x - ``_shift``), the products in ``compute``'s dtype.
 
     Four rows per sweep when k == 4: a quarter of the read-modify-writes of pw and pb.
     """
@@ -139,24 +164,29 @@ def _affine_sums(dy, x, mus, rstd, r, k, pw, pb):
     if k == 4:
         x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
         d0, d1, d2, d3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
-        m0, m1, m2, m3 = mus[0], mus[1], mus[2], mus[3]
-        s0, s1 = np.float64(rstd[r]), np.float64(rstd[r + 1])
-        s2, s3 = np.float64(rstd[r + 2]), np.float64(rstd[r + 3])
+        m0, m1 = compute(x, mus[0]), compute(x, mus[1])
+        m2, m3 = compute(x, mus[2]), compute(x, mus[3])
+        p0, p1 = _shift(x0, center), _shift(x1, center)
+        p2, p3 = _shift(x2, center), _shift(x3, center)
+        s0, s1 = compute(x, rstd[r]), compute(x, rstd[r + 1])
+        s2, s3 = compute(x, rstd[r + 2]), compute(x, rstd[r + 3])
         for j in range(n):
-            e0 = np.float64(d0[j])
-            e1 = np.float64(d1[j])
-            e2 = np.float64(d2[j])
-            e3 = np.float64(d3[j])
-            t01 = e0 * ((x0[j] - m0) * s0) + e1 * ((x1[j] - m1) * s1)
-            t23 = e2 * ((x2[j] - m2) * s2) + e3 * ((x3[j] - m3) * s3)
+            e0 = compute(x, load(d0, j))
+            e1 = compute(x, load(d1, j))
+            e2 = compute(x, load(d2, j))
+            e3 = compute(x, load(d3, j))
+            t01 = e0 * (((load(x0, j) - p0) - m0) * s0) + e1 * (((load(x1, j) - p1) - m1) * s1)
+            t23 = e2 * (((load(x2, j) - p2) - m2) * s2) + e3 * (((load(x3, j) - p3) - m3) * s3)
             pw[j] += t01 + t23
             pb[j] += (e0 + e1) + (e2 + e3)
     else:
         for q in range(k):
-            xq, dq, mq, sq = x[r + q], dy[r + q], mus[q], np.float64(rstd[r + q])
+            xq, dq = x[r + q], dy[r + q]
+            mq, sq = compute(x, mus[q]), compute(x, rstd[r + q])
+            pq = _shift(xq, center)
             for j in range(n):
-                e = np.float64(dq[j])
-                pw[j] += e * ((xq[j] - mq) * sq)
+                e = compute(x, load(dq, j))
+                pw[j] += e * (((load(xq, j) - pq) - mq) * sq)
                 pb[j] += e
 
 
@@ -172,7 +202,7 @@ def row_norm_backward(dy, x, weight, mean, rstd, center, extra, dx, dweight, dbi
     # Per block, pw = partial[:n] and pb = partial[n + pad:], half a page apart (no 4K
     # aliasing between their loads and stores).
     pad = (256 - n % 512) % 512
-    partial = np.zeros((blocks, 2 * n + pad))
+    partial = np.full((blocks, 2 * n + pad), compute(x, 0.0))  # float32 for half input
     for blk in prange(blocks):
         pw = partial[blk, :n]
         pb = partial[blk, n + pad :]
@@ -182,11 +212,13 @@ def row_norm_backward(dy, x, weight, mean, rstd, center, extra, dx, dweight, dbi
             k = min(4, stop - r)
             for q in range(k):
                 er = extra[r + q] if has_extra else extra[0:0].ravel()
-                m0 = np.float64(mean[r + q])
-                rs = np.float64(rstd[r + q])
+                xr = x[r + q]
+                p = _shift(xr, center)
+                m0 = compute(x, mean[r + q] - p)
+                rs = compute(x, rstd[r + q])
                 mus[q] = _row_input_gradient(
-                    dy[r + q], x[r + q], weight, m0, rs, center, er, has_extra, dx[r + q]
+                    dy[r + q], xr, weight, p, m0, rs, center, er, has_extra, dx[r + q]
                 )
-            _affine_sums(dy, x, mus, rstd, r, k, pw, pb)
+            _affine_sums(dy, x, mus, rstd, center, r, k, pw, pb)
     add_blocks(partial[:, :n], dweight)
     add_blocks(partial[:, n + pad :], dbias)
