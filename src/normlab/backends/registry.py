@@ -252,7 +252,7 @@ def _kernel_plan(family: str):
         def run(x, weight, bias, eps, *stats):
             backends.record(family)
             tensors = (
-                x.view(view),
+                x.reshape(view),  # a copy where the input is not contiguous
                 None if weight is None else weight.reshape(-1),
                 None if bias is None else bias.reshape(-1),
                 *stats,
