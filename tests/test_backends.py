@@ -392,7 +392,9 @@ def test_auto_leaves_small_inputs_to_torchs_op_or_the_composite(monkeypatch):
         NF.layer_norm(torch.randn(4, 8), (8,))
         assert backends.last_used() == "torch"
         NF.group_norm(torch.randn(4, 8, 3), 2)
-        assert backends.last_used() == "composite"
+        assert backends.last_used() == "torch"
+        NF.group_norm(torch.randn(4, 8, 3), 2, lengths=torch.tensor([3, 2, 1, 3]))
+        assert backends.last_used() == "composite"  # masked: no torch op computes it
         NF.layer_norm(torch.randn(64, 512), (512,))
         assert backends.last_used() == "numba"
     with backends.use("numba"):

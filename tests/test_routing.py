@@ -109,7 +109,7 @@ CPU_ROUTES = {
     "batch_norm-eval-float32-stats": "T C C N C C N C C",  # statistics of another dtype
     "batch_renorm": "C C C N N C N N C",
     "power_norm-eval": "C C C N N C N N C",  # a quadratic mean, no mean: not torch's BatchNorm
-    "power_norm-warmup": "C C C C C C C C C",  # uncentred batch statistics: no kernel
+    "power_norm-warmup": "T T T T T T T T T",  # RMS over the batch axis: torch's op, moved axis
     "power_norm": "C C C N N C N N C",
 }
 KERNEL = {name for name, routes in CPU_ROUTES.items() if "N" in routes}

@@ -36,7 +36,8 @@ def _rows_axis(call) -> int | str:
     """-1 when the call is LayerNorm/RMSNorm over trailing axes; the axis to move last when
     it reduces one other axis (channels-first LayerNorm); else the reason neither holds."""
     s, nd = call.spec, call.x.dim()
-    if s.stats == "batch" and s.feature == s.reduction:
+    plain = call.weight is None and call.bias is None  # then the feature axes do not matter
+    if s.stats == "batch" and (s.feature == s.reduction or plain):
         if s.reduction == tuple(range(nd - len(s.reduction), nd)):
             return -1
         if len(s.reduction) == 1:
