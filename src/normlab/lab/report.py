@@ -164,7 +164,17 @@ def regime_line(numbers: dict) -> str | None:
     runs = record["runs"]
     done = len(runs) - len(record["unconverged"])
     state = "converged" if record["converged"] else "NOT converged"
-    return f"{state}: {done} of {len(runs)} runs. Criterion: {record['criterion']}."
+    steps = [run["steps"] for run in runs.values() if "steps" in run]
+    length = (
+        ""
+        if not steps
+        else f", after {min(steps)} steps"
+        if min(steps) == max(steps)
+        else f", after {min(steps)}-{max(steps)} steps (median {sorted(steps)[len(steps) // 2]})"
+    )
+    return (
+        f"{state}: {done} of {len(runs)} runs converged{length}. Criterion: {record['criterion']}."
+    )
 
 
 def _markdown(document: dict) -> str:
