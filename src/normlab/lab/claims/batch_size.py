@@ -504,8 +504,8 @@ CLAIM = Claim(
         "inconclusive. GroupNorm, RMSNorm, none, BatchRenorm and GhostBN, the train/eval gap "
         "and the output spread are reported for context. Regime first: if a BatchNorm or "
         "LayerNorm run at either batch size has not converged (rules.REGIME_CRITERION on its "
-        f"held-out loss, evaluated {EVALUATIONS} times per run, and at least {SETTLED_STEPS} "
-        "steps), inconclusive."
+        f"held-out loss, evaluated {EVALUATIONS} times per base training length, and at least "
+        f"{SETTLED_STEPS} steps), inconclusive."
     ),
     literature=(
         "Wu & He 2018 (Group Normalization), Table 2, ResNet-50 on ImageNet, val error at "

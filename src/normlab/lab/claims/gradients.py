@@ -504,7 +504,7 @@ CLAIM = Claim(
         "the unnormalized net's drift is under 1 order (nothing to mitigate). Regime first: "
         "if a training run of no norm, BatchNorm or LayerNorm has not converged "
         "(rules.REGIME_CRITERION on its held-out loss, evaluated "
-        f"{EVALUATIONS} times per run), inconclusive."
+        f"{EVALUATIONS} times per 80 epochs in full, per run in quick), inconclusive."
     ),
     literature=(
         "Ioffe & Szegedy 2015 introduced BatchNorm to speed up training and noted a "
