@@ -92,7 +92,7 @@ class StatisticsProbe:
 
         return record
 
-    def close(self, burn_in: int, points: int = 500) -> dict:
+    def close(self, burn_in: int, points: int = 500, every: int | None = None) -> dict:
         """Averages after ``burn_in`` steps; the per-step series as means of blocks of
         ``per_step_every`` steps, at most ``points`` of them."""
         for handle in self.handles:
@@ -100,10 +100,10 @@ class StatisticsProbe:
         per_step_mean = np.mean(self.mean_shift, axis=0)
         per_step_var = np.mean(self.var_shift, axis=0)
         burn_in = min(burn_in, len(per_step_mean) // 3)  # a run shorter than the burn-in
-        mean_series, every = thin(per_step_mean.tolist(), points)
+        mean_series, every = thin(per_step_mean.tolist(), points, every)
         return {
             "mean_shift_per_step": mean_series,
-            "var_shift_per_step": thin(per_step_var.tolist(), points)[0],
+            "var_shift_per_step": thin(per_step_var.tolist(), points, every)[0],
             "per_step_every": every,
             "mean_shift": float(per_step_mean[burn_in:].mean()),
             "var_shift": float(per_step_var[burn_in:].mean()),
@@ -218,7 +218,10 @@ def _transformer_run(
     )
     return (
         curves.as_dict(max_steps=schedule.max_steps),
-        None if probe is None else probe.close(extra["burn_in"]),
+        # Blocks of the same length for every run (runs that stop early are shorter).
+        None
+        if probe is None
+        else probe.close(extra["burn_in"], every=math.ceil(schedule.max_steps / 500)),
     )
 
 
@@ -513,10 +516,14 @@ def _fluctuation_figure(ctx: RunContext, numbers: dict) -> None:
     ):
         for name, (text_label, colour, style) in series.items():
             records = [s[name] for s in fluctuation["seeds"].values()]
-            runs = np.array([r[f"{key}_per_step"] for r in records], dtype=float)
+            series_of = [
+                [np.nan if v is None else v for v in r[f"{key}_per_step"]] for r in records
+            ]
+            longest = max(len(v) for v in series_of)  # runs that stopped early end in NaN
+            runs = np.array([v + [np.nan] * (longest - len(v)) for v in series_of], dtype=float)
             every = records[0].get("per_step_every", 1)
             x = np.arange(1, runs.shape[1] + 1) * every
-            ax.plot(x, runs.mean(0), style, color=colour, label=text_label)
+            ax.plot(x, np.nanmean(runs, 0), style, color=colour, label=text_label)
         ax.axvline(fluctuation["burn_in"], color="grey", lw=0.8, ls=":")
         ax.set_yscale("log")
         ax.set_xlabel("training step (dotted: end of burn-in)")
