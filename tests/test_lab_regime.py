@@ -43,11 +43,17 @@ def test_every_committed_verdict_is_rederived_from_its_numbers_alone(committed):
         }, recorded["key"]
 
 
-def _independent_plateau(steps: list[int], losses: list[float | None]) -> bool:
-    """The regime criterion written again from its sentence in the report, not imported."""
+def _independent_plateau(
+    steps: list[int], losses: list[float | None], constant_from: int = 0
+) -> bool:
+    """The regime criterion written again from its sentence in the report, not imported:
+    the window (last 20% of the steps) lies where the learning rate is constant, at least two
+    finite evaluations before it and one in it, and its best is < 1% below the best before."""
     if not losses or any(v is None or not math.isfinite(v) for v in losses):
         return False
     cut = 0.8 * steps[-1]
+    if cut < constant_from:
+        return False
     before = [v for s, v in zip(steps, losses, strict=True) if s <= cut]
     after = [v for s, v in zip(steps, losses, strict=True) if s > cut]
     if len(before) < 2 or not after:
@@ -107,8 +113,14 @@ def test_committed_regime_follows_from_the_loss_curves(committed):
         record = claim["numbers"]["regime"]
         curves = _curves(claim["key"], claim["numbers"])
         assert set(curves) == set(record["runs"]), claim["key"]
+        # The sequence models' learning rate is constant from this step (0: always).
+        constant_from = (
+            claim["numbers"]["training"].get("schedule", {}).get("constant_from", 0)
+            if claim["key"] in ("padding", "architecture")
+            else 0
+        )
         for name, (steps, losses) in curves.items():
-            expected = _independent_plateau(steps, losses)
+            expected = _independent_plateau(steps, losses, constant_from)
             if claim["key"] == "batch-size":
                 expected = expected and steps[-1] >= 100
             assert record["runs"][name]["converged"] == expected, (claim["key"], name)
@@ -147,6 +159,21 @@ def test_an_unconverged_run_makes_each_training_claim_inconclusive(committed, ke
 
 
 @pytest.mark.parametrize("key", TRAINING_CLAIMS)
+def test_no_committed_verdict_stands_on_unconverged_runs(committed, key):
+    """A training claim is decided (anything but inconclusive) only if its runs converged,
+    and the report prints the criterion."""
+    recorded = next(c for c in committed["claims"] if c["key"] == key)
+    regime = recorded["numbers"]["regime"]
+    assert isinstance(regime["converged"], bool) and regime["criterion"].strip()
+    if not regime["converged"]:
+        assert recorded["verdict"]["label"] == "inconclusive"
+        assert recorded["verdict"]["reason"].startswith("Not decided")
+    report = RESULTS.with_name("report.md").read_text()
+    assert rules.PLATEAU_TOLERANCE == regime["tolerance"]
+    assert regime["criterion"][:80] in report
+
+
+@pytest.mark.parametrize("key", TRAINING_CLAIMS)
 def test_training_claims_state_the_regime_and_the_power(committed, key):
     recorded = next(c for c in committed["claims"] if c["key"] == key)
     assert "runs converged" in recorded["verdict"]["deciding"]
@@ -160,6 +187,45 @@ def test_a_falling_loss_has_not_converged_a_flat_or_rising_one_has():
     assert rules.plateau(steps, [1.0 + 0.01 * i for i in range(20)])["converged"]
     assert not rules.plateau(steps, [2.0] * 19 + [None])["converged"]
     assert not rules.plateau([10, 20], [2.0, 2.0])["converged"]  # too few evaluations
+
+
+def test_a_plateau_while_the_rate_still_decays_does_not_count():
+    steps = list(range(100, 2100, 100))
+    flat = [2.0] * len(steps)
+    assert rules.plateau(steps, flat, constant_from=1600)["converged"]  # window 1600-2000
+    assert not rules.plateau(steps, flat, constant_from=1700)["converged"]
+    assert rules.stop_now(steps, flat, 1600) and not rules.stop_now(steps, flat, 1700)
+
+
+def test_schedule_warms_up_decays_to_its_floor_and_stays():
+    from normlab.lab.sequence_models import Schedule
+
+    schedule = Schedule(lr=0.01, max_steps=100, eval_every=10, warmup=10, decay_end=50, floor=0.1)
+    assert schedule.rate(5) == pytest.approx(0.5) and schedule.rate(10) == pytest.approx(1.0)
+    assert schedule.rate(30) == pytest.approx(0.55)  # half-way down the cosine
+    assert schedule.rate(50) == schedule.rate(99) == pytest.approx(0.1)
+    assert schedule.constant_from == 50
+    assert Schedule(lr=0.01, max_steps=10, eval_every=2).rate(7) == 1.0
+
+
+def test_early_stopping_ends_a_run_at_its_first_plateau():
+    """A model that cannot learn (zero learning rate) plateaus at once: it stops at the first
+    evaluation whose window lies after the decay, and its curve meets the criterion."""
+    import torch
+
+    from normlab.lab.sequence_models import Schedule, TokenMLP, train_next_token
+
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 90, (4, 12))
+    lengths = torch.full((4,), 12)
+    schedule = Schedule(
+        lr=0.0, max_steps=200, eval_every=5, warmup=5, decay_end=40, floor=0.1, early_stop=True
+    )
+    curves = train_next_token(
+        TokenMLP(97, "layer"), lambda: (tokens, lengths), [(tokens, lengths)], schedule
+    )
+    assert curves.eval_steps[-1] == 50  # the first step s with 0.8 s >= 40
+    assert rules.plateau(curves.eval_steps, curves.eval_loss, 40)["converged"]
 
 
 def test_apply_regime_keeps_the_label_only_when_every_run_converged():

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", default="normlab-report", help="output folder")
     report.add_argument("--seed", type=int, default=0, help="base seed (runs are deterministic)")
+    report.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the claims an interrupted run of the same profile and seed finished in "
+        "--out and run the others (the report says which were kept)",
+    )
     bench = commands.add_parser(
         "bench",
         help="time the norms against torch eager, torch.compile and a memory copy",
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         from normlab.lab import main as lab_main
 
         only = None if args.only is None else args.only.split(",")
-        return lab_main.main(args.profile, only, args.out, args.seed)
+        return lab_main.main(args.profile, only, args.out, args.seed, args.resume)
     if args.command == "bench":
         from normlab.bench import run_from_args
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import normlab
+from normlab.lab.rules import stop_now
 
 TRAIN_SIZE, TEST_SIZE = 1280, 512  # both divisible by every batch size the lab uses (<= 128)
 SPLIT_SEED = 0  # the split is the same for every run seed: seeds vary init and batch order
@@ -203,12 +204,15 @@ def train(
     curves: bool = False,
     max_steps: int | None = None,
     eval_every: int | None = None,
+    early_stop_after: int | None = None,
 ) -> Training:
     """SGD with momentum for ``epochs`` passes over a fresh permutation each (batches of
     ``batch_size``, last partial batch dropped), or fewer: at most ``max_steps`` steps.
     Errors are measured in eval mode; with ``curves`` also after every epoch; with
     ``eval_every`` the held-out loss every that many steps and at the end (the regime check's
-    curve). Stops early if the loss becomes non-finite.
+    curve). Stops early if the loss becomes non-finite, and, with ``early_stop_after``, at
+    the first evaluation after that many steps at which the held-out curve so far meets the
+    regime criterion (``rules.stop_now``; the learning rate is constant).
 
     The update is torch.optim.SGD's (heavy-ball momentum, no dampening, no weight decay),
     written out: constructing a torch optimizer imports torch._dynamo, seconds on 2 cores."""
@@ -218,6 +222,7 @@ def train(
     steps, diverged, epoch_loss = 0, False, math.nan
     held_steps: list[int] = []
     held_losses: list[float | None] = []
+    stopped = False
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(x_train), generator=generator)
@@ -243,12 +248,19 @@ def train(
             if eval_every and steps % eval_every == 0:
                 held_steps.append(steps)
                 held_losses.append(held_out_loss(model, x_test, y_test))
-        epoch_loss = total / batches
+                if (
+                    early_stop_after is not None
+                    and steps >= early_stop_after
+                    and stop_now(held_steps, held_losses)
+                ):
+                    stopped = True
+                    break
+        epoch_loss = total / max(1, b + 1 if batches else 1)
         if curves:
             history["loss"].append(epoch_loss)
             history["train_error"].append(error_rate(model, x_train, y_train))
             history["test_error"].append(error_rate(model, x_test, y_test))
-        if diverged or steps == max_steps:
+        if diverged or stopped or steps == max_steps:
             break
     if eval_every and (not held_steps or held_steps[-1] != steps):
         held_steps.append(steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -9,7 +10,38 @@ from pathlib import Path
 from normlab.lab.runner import PROFILES, load_claims, run_claims
 
 
-def main(profile_name: str, only: list[str] | None, out: str, seed: int) -> int:
+def _kept(out: Path, profile_name: str, seed: int, claims: list) -> tuple[list, dict | None]:
+    """--resume: the claims an earlier, interrupted run of this profile and seed finished in
+    ``out`` (its results.json and figures), as results; verdicts are re-derived from their
+    numbers by the current rules."""
+    from normlab.lab.runner import ClaimResult, Findings
+
+    path = out / "results.json"
+    if not path.exists():
+        return [], None
+    document = json.loads(path.read_text())
+    meta = document["meta"]
+    if meta["profile"] != profile_name or meta["seed"] != seed:
+        return [], None
+    by_key = {claim.key: claim for claim in claims}
+    kept = []
+    for recorded in document["claims"]:
+        claim = by_key.get(recorded["key"])
+        if claim is None:
+            continue
+        figures = {
+            name: (out / f"{claim.key}-{name}.png").read_bytes() for name in recorded["figures"]
+        }
+        findings = Findings(recorded["numbers"], recorded["what_was_run"])
+        verdict = claim.verdict(findings.numbers)
+        kept.append(ClaimResult(claim, findings, verdict, figures, recorded["seconds"]))
+    resumed = {"kept": [f"({r.claim.letter})" for r in kept], "from": meta["date"]}
+    return kept, resumed if kept else None
+
+
+def main(
+    profile_name: str, only: list[str] | None, out: str, seed: int, resume: bool = False
+) -> int:
     try:
         import matplotlib
         import tqdm  # noqa: F401
@@ -29,18 +61,38 @@ def main(profile_name: str, only: list[str] | None, out: str, seed: int) -> int:
         f"normlab report --profile {profile_name}"
         + (f" --only {','.join(only)}" if only else "")
         + f" --seed {seed} --out {out}"
+        + (" --resume" if resume else "")
     )
     load_start = os.getloadavg()
     start = time.perf_counter()
 
-    def write_so_far(done):  # an interrupted long run keeps the claims it finished
-        if len(done) < len(claims):
-            write_report(done, profile, seed, time.perf_counter() - start, Path(out), command)
+    kept, resumed = _kept(Path(out), profile_name, seed, claims) if resume else ([], None)
+    done = {r.claim.key for r in kept}
+    earlier = sum(r.seconds for r in kept)
 
-    results = run_claims(claims, profile, seed, write_so_far)
-    seconds = time.perf_counter() - start
+    def write_so_far(finished):  # an interrupted long run keeps the claims it finished
+        if len(kept) + len(finished) < len(claims):
+            write_report(
+                _in_order(kept + finished, claims),
+                profile,
+                seed,
+                earlier + time.perf_counter() - start,
+                Path(out),
+                command,
+                resumed=resumed,
+            )
+
+    results = run_claims([c for c in claims if c.key not in done], profile, seed, write_so_far)
+    seconds = earlier + time.perf_counter() - start
     document = write_report(
-        results, profile, seed, seconds, Path(out), command, (load_start, os.getloadavg())
+        _in_order(kept + results, claims),
+        profile,
+        seed,
+        seconds,
+        Path(out),
+        command,
+        (load_start, os.getloadavg()),
+        resumed,
     )
     width = max(len(row[0]) for row in verdict_table_rows(document))
     print(f"\n{'claim':<{width}}  {'verdict':<17} deciding number")
@@ -48,3 +100,8 @@ def main(profile_name: str, only: list[str] | None, out: str, seed: int) -> int:
         print(f"{title:<{width}}  {label:<17} {deciding}")
     print(f"\nreport: {Path(out) / 'report.html'} ({document['meta']['seconds']} s)")
     return 0
+
+
+def _in_order(results: list, claims: list) -> list:
+    order = {claim.key: i for i, claim in enumerate(claims)}
+    return sorted(results, key=lambda r: order[r.claim.key])

@@ -41,6 +41,7 @@ def results_document(
     seconds: float,
     command: str = "",
     load: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    resumed: dict | None = None,
 ) -> dict:
     return {
         "meta": {
@@ -62,6 +63,8 @@ def results_document(
             "seed": seed,
             "seconds": round(seconds, 1),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            # --resume: the claims kept from an earlier run of the same profile and seed.
+            **({"resumed": resumed} if resumed else {}),
         },
         "claims": [
             {
@@ -94,9 +97,10 @@ def write_report(
     out: Path,
     command: str = "",
     load: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    resumed: dict | None = None,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    document = results_document(results, profile, seed, seconds, command, load)
+    document = results_document(results, profile, seed, seconds, command, load, resumed)
     # Compact: a full-profile run records ~10^5 numbers (curves), indentation would double it.
     (out / "results.json").write_text(json.dumps(document, default=_jsonable))
     figures = {(r.claim.key, name): png for r in results for name, png in r.figures.items()}
@@ -147,12 +151,21 @@ def header(meta: dict) -> str:
         if meta["profile"] != "full"
         else ""
     )
+    resumed = meta.get("resumed")
+    resumed_text = (
+        f" Resumed: claims {', '.join(resumed['kept'])} were kept from the run recorded at "
+        f"{resumed['from']} (same profile and seed; that run stopped after them), the others ran "
+        f"again; the seconds are those of all claims together."
+        if resumed
+        else ""
+    )
     return (
         f"{command}profile `{meta['profile']}` ({meta['seeds']} seeds from {meta['seed']}), "
         f"{meta['seconds']} s on {meta.get('cpu', meta['machine'])}, {meta['cpu_cores']} "
         f"cores, {meta.get('workers', 1)} worker process(es) with one torch thread each"
         f"{load_text}; normlab {meta['normlab']}, torch {meta['torch']}, Python "
-        f"{meta['python']}, {meta.get('platform', meta['machine'])}, {meta['date']}.{preview}"
+        f"{meta['python']}, {meta.get('platform', meta['machine'])}, {meta['date']}."
+        f"{resumed_text}{preview}"
     )
 
 
@@ -164,7 +177,17 @@ def regime_line(numbers: dict) -> str | None:
     runs = record["runs"]
     done = len(runs) - len(record["unconverged"])
     state = "converged" if record["converged"] else "NOT converged"
-    return f"{state}: {done} of {len(runs)} runs. Criterion: {record['criterion']}."
+    steps = [run["steps"] for run in runs.values() if "steps" in run]
+    length = (
+        ""
+        if not steps
+        else f", after {min(steps)} steps"
+        if min(steps) == max(steps)
+        else f", after {min(steps)}-{max(steps)} steps (median {sorted(steps)[len(steps) // 2]})"
+    )
+    return (
+        f"{state}: {done} of {len(runs)} runs converged{length}. Criterion: {record['criterion']}."
+    )
 
 
 def _markdown(document: dict) -> str:

@@ -83,17 +83,30 @@ REGIME_CRITERION = (
     "a run has converged when the lowest held-out loss among its evaluations in the last "
     f"{PLATEAU_WINDOW:.0%} of its steps is less than {PLATEAU_TOLERANCE:.0%} below the lowest "
     "before them (relative), with every evaluation finite and at least two evaluations before "
-    "the window and one in it: training longer no longer found a better model. A claim's runs "
+    "the window and one in it, and, where the learning rate decays, the window wholly where it "
+    "has reached its constant floor (a decaying rate alone cannot flatten the curve): training "
+    "longer no longer found a better model. A run may stop early at the first evaluation at "
+    "which its curve so far meets this criterion. A claim's runs "
     "converged when every run that enters its verdict did"
 )
 
 
-def plateau(eval_steps: Sequence[int], losses: Sequence[float | None]) -> dict:
-    """The regime evidence of one run from its held-out loss curve (see REGIME_CRITERION)."""
+def plateau(
+    eval_steps: Sequence[int], losses: Sequence[float | None], constant_from: int = 0
+) -> dict:
+    """The regime evidence of one run from its held-out loss curve (see REGIME_CRITERION).
+    ``constant_from``: the step from which the learning rate is constant (0 if it always
+    is); the window of the last 20% of steps must start at or after it."""
     if not losses or any(v is None or not math.isfinite(v) for v in losses):
         return {"converged": False, "why": "a non-finite held-out loss"}
     total = eval_steps[-1]
     cut = (1 - PLATEAU_WINDOW) * total
+    if cut < constant_from:
+        return {
+            "converged": False,
+            "why": f"the learning rate was still decaying in the last {PLATEAU_WINDOW:.0%}",
+            "steps": total,
+        }
     before = [v for s, v in zip(eval_steps, losses, strict=True) if s <= cut]
     window = [v for s, v in zip(eval_steps, losses, strict=True) if s > cut]
     if len(before) < 2 or not window:
@@ -108,6 +121,15 @@ def plateau(eval_steps: Sequence[int], losses: Sequence[float | None]) -> dict:
         "final": losses[-1],
         "steps": total,
     }
+
+
+def stop_now(
+    eval_steps: Sequence[int], losses: Sequence[float | None], constant_from: int = 0
+) -> bool:
+    """Early stopping by the regime criterion itself: a run stops at the first evaluation
+    at which its curve so far passes ``plateau`` (the run's regime evidence is then that of
+    the curve it ends with)."""
+    return plateau(eval_steps, losses, constant_from)["converged"]
 
 
 def regime(runs: Mapping[str, dict], criterion: str = REGIME_CRITERION) -> dict:

@@ -206,11 +206,13 @@ def finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def thin(values: list[float | None], points: int) -> tuple[list[float | None], int]:
+def thin(
+    values: list[float | None], points: int, every: int | None = None
+) -> tuple[list[float | None], int]:
     """Means of consecutive blocks of ``every`` values so that at most ``points`` remain
     (None where a block holds no finite value); returns the means and ``every``. Keeps
     results.json small for long runs; the figures plot block means at their last step."""
-    every = max(1, math.ceil(len(values) / points))
+    every = every or max(1, math.ceil(len(values) / points))
     means: list[float | None] = []
     for start in range(0, len(values), every):
         block = [v for v in values[start : start + every] if v is not None]
@@ -225,10 +227,12 @@ class Curves:
     eval_loss: list[float | None] = field(default_factory=list)
     eval_accuracy: list[float] = field(default_factory=list)
 
-    def as_dict(self, points: int = 500) -> dict:
+    def as_dict(self, points: int = 500, max_steps: int | None = None) -> dict:
         """The curves; the per-step training loss as means of blocks of ``train_loss_every``
-        steps, at most ``points`` of them."""
-        train_loss, every = thin(self.train_loss, points)
+        steps, at most ``points`` of them (for ``max_steps`` steps, so that runs that stop
+        early share the block size)."""
+        every = max(1, math.ceil((max_steps or len(self.train_loss)) / points))
+        train_loss, every = thin(self.train_loss, points, every)
         return {
             "train_loss": train_loss,
             "train_loss_every": every,
@@ -238,23 +242,94 @@ class Curves:
         }
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """A training length and learning-rate schedule, fixed before the data: linear warmup
+    over ``warmup`` steps to ``lr``, cosine decay to ``lr * floor`` at ``decay_end``, then
+    constant; held-out evaluation every ``eval_every`` steps. With ``early_stop`` a run
+    stops at the first evaluation at which its curve meets the regime criterion
+    (``rules.stop_now``, its window wholly after ``decay_end``), else at ``max_steps``."""
+
+    lr: float
+    max_steps: int
+    eval_every: int
+    warmup: int = 0
+    decay_end: int = 0
+    floor: float = 1.0
+    early_stop: bool = False
+
+    def rate(self, step: int) -> float:
+        """The learning rate at ``step`` (1-based), as a fraction of ``lr``."""
+        if self.warmup and step <= self.warmup:
+            return step / self.warmup
+        if step >= self.decay_end or self.decay_end <= self.warmup:
+            return self.floor if self.decay_end else 1.0
+        progress = (step - self.warmup) / (self.decay_end - self.warmup)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    @property
+    def constant_from(self) -> int:
+        """The step from which the rate is constant (what the regime check needs)."""
+        return max(self.warmup, self.decay_end)
+
+    def describe(self) -> str:
+        if not self.decay_end and not self.warmup:
+            words = f"lr {self.lr:g} (constant)"
+        else:
+            words = (
+                f"lr {self.lr:g} after a linear warmup of {self.warmup} steps, cosine decay to "
+                f"{self.lr * self.floor:g} at step {self.decay_end}, constant after"
+            )
+        stop = (
+            f"at most {self.max_steps} steps, stopping at the first evaluation (every "
+            f"{self.eval_every} steps) at which the held-out curve meets the regime criterion"
+            if self.early_stop
+            else f"{self.max_steps} steps, held-out evaluation every {self.eval_every} steps"
+        )
+        return f"{words}; {stop}"
+
+    def as_dict(self) -> dict:
+        return {
+            "lr": self.lr,
+            "max_steps": self.max_steps,
+            "eval_every": self.eval_every,
+            "warmup": self.warmup,
+            "decay_end": self.decay_end,
+            "floor": self.floor,
+            "early_stop": self.early_stop,
+            "constant_from": self.constant_from,
+        }
+
+
+def padded_train_losses(runs: list[dict]) -> tuple[list[list[float]], int]:
+    """The runs' thinned training losses as rows of equal length (NaN after a run that
+    stopped early) and the steps per point (the same for every run of one schedule)."""
+    longest = max(len(r["train_loss"]) for r in runs)
+    rows = [
+        [math.nan if v is None else v for v in r["train_loss"]]
+        + [math.nan] * (longest - len(r["train_loss"]))
+        for r in runs
+    ]
+    return rows, runs[0].get("train_loss_every", 1)
+
+
 def train_next_token(
     model: nn.Module,
     draw_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     held_out: list[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    steps: int,
-    lr: float,
-    eval_every: int,
+    schedule: Schedule,
 ) -> Curves:
-    """Adam on the masked next-token loss; held-out evaluation every ``eval_every`` steps and
-    at the end. The learning rate stays ``lr``: the regime check reads the held-out curve,
-    and a decaying rate would flatten it whether or not the model had converged. A
-    non-finite training loss is recorded as None and training goes on."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    """Adam on the masked next-token loss under ``schedule``; held-out evaluation every
+    ``eval_every`` steps and at the end. A non-finite training loss is recorded as None and
+    training goes on."""
+    from normlab.lab.rules import stop_now
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, foreach=True)
     curves = Curves()
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(1, schedule.max_steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr * schedule.rate(step)
         tokens, lengths = draw_batch()
         loss, _, _ = next_token_loss(model(tokens, lengths), tokens, lengths)
         optimizer.zero_grad(set_to_none=True)
@@ -262,9 +337,13 @@ def train_next_token(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         curves.train_loss.append(finite_or_none(float(loss.detach())))
-        if step % eval_every == 0 or step == steps:
+        if step % schedule.eval_every == 0 or step == schedule.max_steps:
             result = evaluate(model, held_out)
             curves.eval_steps.append(step)
             curves.eval_loss.append(result["loss"])
             curves.eval_accuracy.append(result["accuracy"])
+            if schedule.early_stop and stop_now(
+                curves.eval_steps, curves.eval_loss, schedule.constant_from
+            ):
+                break
     return curves

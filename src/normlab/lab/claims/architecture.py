@@ -30,9 +30,11 @@ from normlab.lab.sequence_models import (
     NORM_COLOURS,
     NORM_KINDS,
     NORM_LABELS,
+    Schedule,
     SequenceNorm,
     TinyTransformer,
     next_token_loss,
+    padded_train_losses,
     thin,
     train_next_token,
 )
@@ -44,7 +46,13 @@ DIGITS_BATCH = 64
 DEPTHS = (1, 2, 4, 8)
 PLACEMENTS = {"pre": "Pre-LN", "post": "Post-LN"}
 BN_FAMILY = ("batch", "batch-masked", "power-masked")
-FULL_STEPS = 3000  # the full profile's training length, chosen to reach the regime check
+# The full profile's schedule, fixed before its data: 3000 steps at a constant lr 0.01 left
+# 39/40 runs still improving (the previous full report), so the rate now warms up, decays to
+# a tenth by step 2000 and stays there, and a run stops when its held-out curve meets the
+# regime criterion (at most 5000 steps).
+FULL_SCHEDULE = Schedule(
+    lr=LR, max_steps=5000, eval_every=50, warmup=100, decay_end=2000, floor=0.1, early_stop=True
+)
 
 
 class StatisticsProbe:
@@ -84,17 +92,18 @@ class StatisticsProbe:
 
         return record
 
-    def close(self, burn_in: int, points: int = 500) -> dict:
+    def close(self, burn_in: int, points: int = 500, every: int | None = None) -> dict:
         """Averages after ``burn_in`` steps; the per-step series as means of blocks of
         ``per_step_every`` steps, at most ``points`` of them."""
         for handle in self.handles:
             handle.remove()
         per_step_mean = np.mean(self.mean_shift, axis=0)
         per_step_var = np.mean(self.var_shift, axis=0)
-        mean_series, every = thin(per_step_mean.tolist(), points)
+        burn_in = min(burn_in, len(per_step_mean) // 3)  # a run shorter than the burn-in
+        mean_series, every = thin(per_step_mean.tolist(), points, every)
         return {
             "mean_shift_per_step": mean_series,
-            "var_shift_per_step": thin(per_step_var.tolist(), points)[0],
+            "var_shift_per_step": thin(per_step_var.tolist(), points, every)[0],
             "per_step_every": every,
             "mean_shift": float(per_step_mean[burn_in:].mean()),
             "var_shift": float(per_step_var[burn_in:].mean()),
@@ -127,7 +136,7 @@ def _digits_run(seed: int, steps: int, burn_in: int) -> dict:
         nn.Linear(64, 10),
     )
     probe = StatisticsProbe([(m, m) for m in model.modules() if isinstance(m, normlab.BatchNorm1d)])
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, foreach=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, foreach=True)  # constant
     for _ in range(steps):
         picks = torch.randperm(split, generator=generator)[:DIGITS_BATCH]
         loss = nn.functional.cross_entropy(model(x[picks]), y[picks])
@@ -176,7 +185,13 @@ def _held_out_lines(files: int, count: int) -> tuple[torch.Tensor, ...]:
 
 
 def _transformer_run(
-    seed: int, placement: str, kind: str, files: int, held_out_count: int, schedule: dict
+    seed: int,
+    placement: str,
+    kind: str,
+    files: int,
+    held_out_count: int,
+    schedule: Schedule,
+    extra: dict,
 ) -> tuple[dict, dict | None]:
     """One training run (a job for ``RunContext.map``): its curves, and for the BatchNorm
     kinds the statistics probe's record. The same initialization stream and batches for every
@@ -192,25 +207,29 @@ def _transformer_run(
         heads=HEADS,
         layers=LAYERS,
         ffn=FFN,
-        power_warmup=schedule["power_warmup"],
+        power_warmup=extra["power_warmup"],
     )
     probe = _sequence_probe(model) if kind.startswith("batch") else None
     curves = train_next_token(
         model,
         lambda: text.sample_batch(corpus.train, BATCH, generator),
         held_out,
-        steps=schedule["steps"],
-        lr=LR,
-        eval_every=schedule["eval_every"],
+        schedule,
     )
-    return curves.as_dict(), None if probe is None else probe.close(schedule["burn_in"])
+    return (
+        curves.as_dict(max_steps=schedule.max_steps),
+        # Blocks of the same length for every run (runs that stop early are shorter).
+        None
+        if probe is None
+        else probe.close(extra["burn_in"], every=math.ceil(schedule.max_steps / 500)),
+    )
 
 
-def _seed_extras(seed: int, files: int, held_out_count: int, schedule: dict) -> tuple:
+def _seed_extras(seed: int, files: int, held_out_count: int, extra: dict) -> tuple:
     """The digits reference for the fluctuation and the gradients at initialization."""
     probe_batch = text.pad_batch(list(_held_out_lines(files, held_out_count)[:32]))
     return (
-        _digits_run(seed, schedule["steps"], schedule["burn_in"]),
+        _digits_run(seed, extra["digits_steps"], extra["burn_in"]),
         _gradients_at_init(seed, *probe_batch),
     )
 
@@ -218,17 +237,17 @@ def _seed_extras(seed: int, files: int, held_out_count: int, schedule: dict) -> 
 def run(ctx: RunContext) -> Findings:
     pick = ctx.profile.pick
     files = pick(smoke=10, quick=40, full=80)
-    steps = pick(smoke=6, quick=100, full=FULL_STEPS)
-    eval_every = steps // pick(smoke=3, quick=10, full=40)
-    held_out_count = pick(smoke=32, quick=128, full=1024)
-    burn_in = steps // 3
-    power_warmup = max(1, steps // 5)
-    schedule = {
-        "steps": steps,
-        "eval_every": eval_every,
-        "burn_in": burn_in,
-        "power_warmup": power_warmup,
-    }
+    schedule = pick(
+        smoke=Schedule(lr=LR, max_steps=6, eval_every=2),
+        quick=Schedule(lr=LR, max_steps=100, eval_every=10),
+        full=FULL_SCHEDULE,
+    )
+    steps, eval_every = schedule.max_steps, schedule.eval_every
+    held_out_count = pick(smoke=32, quick=128, full=512)
+    digits_steps = pick(smoke=6, quick=100, full=3000)
+    burn_in = pick(smoke=2, quick=33, full=1000)
+    power_warmup = pick(smoke=1, quick=20, full=600)
+    extra = {"burn_in": burn_in, "power_warmup": power_warmup, "digits_steps": digits_steps}
     corpus = text.load_corpus(files=files)
     held_out_lines = _held_out_lines(files, held_out_count)
     numbers = {
@@ -237,6 +256,7 @@ def run(ctx: RunContext) -> Findings:
         "model": {"d_model": D_MODEL, "heads": HEADS, "layers": LAYERS, "ffn": FFN},
         "training": {
             "steps": steps,
+            "schedule": schedule.as_dict(),
             "eval_every": eval_every,
             "lr": LR,
             "batch": BATCH,
@@ -247,15 +267,15 @@ def run(ctx: RunContext) -> Findings:
         "fluctuation": {"burn_in": burn_in, "digits_batch": DIGITS_BATCH, "seeds": {}},
     }
     jobs = [
-        (seed, placement, kind, files, held_out_count, schedule)
+        (seed, placement, kind, files, held_out_count, schedule, extra)
         for seed in ctx.seeds
         for placement in PLACEMENTS
         for kind in NORM_KINDS
     ]
-    trained = ctx.map(_transformer_run, jobs, f"Transformers, {steps} steps")
+    trained = ctx.map(_transformer_run, jobs, f"Transformers, up to {steps} steps")
     extras = ctx.map(
         _seed_extras,
-        [(seed, files, held_out_count, schedule) for seed in ctx.seeds],
+        [(seed, files, held_out_count, extra) for seed in ctx.seeds],
         "digits reference and gradients at init",
     )
     outcomes = dict(zip([job[:3] for job in jobs], trained, strict=True))
@@ -304,7 +324,7 @@ def run(ctx: RunContext) -> Findings:
     numbers["regime"] = regime(
         {
             f"{PLACEMENTS[p]} {NORM_LABELS[k]} seed {seed}": plateau(
-                run[p][k]["eval_steps"], run[p][k]["eval_loss"]
+                run[p][k]["eval_steps"], run[p][k]["eval_loss"], schedule.constant_from
             )
             for seed, run in numbers["training"]["seeds"].items()
             for p in PLACEMENTS
@@ -323,21 +343,21 @@ def run(ctx: RunContext) -> Findings:
             f"{FFN}, learned positions, Xavier-uniform weights and zero biases; Pre-LN (with a "
             f"final norm) and Post-LN; the norm is LayerNorm, BatchNorm(dim=-1) over all "
             f"positions (padding included), masked BatchNorm or masked PowerNorm (warmup "
-            f"{power_warmup} steps), given lengths=. Training: Adam lr {LR} (constant), gradient "
-            f"clipping "
-            f"1, {steps} steps of {BATCH} random lines padded to the longest, next-character "
-            f"loss on real tokens; held-out loss in eval mode on {len(held_out_lines)} lines "
-            f"of held-out files; the same initialization stream and batches for every norm "
-            f"within a seed. Gradients: at initialization, LayerNorm Transformers of depth "
-            f"{list(DEPTHS)}, one batch of 32 held-out lines, Frobenius norm of dLoss/dW of "
-            f"each block's second FFN layer. Fluctuation: during the BatchNorm runs, each "
-            f"BatchNorm layer's batch mean and variance (over real tokens for the masked one) "
-            f"against its running statistics (momentum 0.1), relative to the running variance, "
-            f"averaged over channels, layers and steps after the first {burn_in}; image "
-            f"reference: MLP 64-64-BN-ReLU-64-BN-ReLU-10 on scikit-learn's 8x8 digits (1500 "
-            f"train), batches of {DIGITS_BATCH} images, the same optimizer and steps; the ratio "
-            f"scaled by sqrt(elements per batch) was added after the first results and does "
-            f"not enter the verdict. Seeds {ctx.seeds}."
+            f"{power_warmup} steps), given lengths=. Training: Adam, {schedule.describe()}; "
+            f"gradient clipping 1, batches of {BATCH} random lines padded to the longest, "
+            f"next-character loss on real tokens; held-out loss in eval mode on "
+            f"{len(held_out_lines)} lines of held-out files; the same initialization stream "
+            f"and batches for every norm within a seed. Gradients: at initialization, "
+            f"LayerNorm Transformers of depth {list(DEPTHS)}, one batch of 32 held-out lines, "
+            f"Frobenius norm of dLoss/dW of each block's second FFN layer. Fluctuation: "
+            f"during the BatchNorm runs, each BatchNorm layer's batch mean and variance (over "
+            f"real tokens for the masked one) against its running statistics (momentum 0.1), "
+            f"relative to the running variance, averaged over channels, layers and steps after "
+            f"the first {burn_in}; image reference: MLP 64-64-BN-ReLU-64-BN-ReLU-10 on "
+            f"scikit-learn's 8x8 digits (1500 train), batches of {DIGITS_BATCH} images, Adam "
+            f"lr {LR} (constant) for {digits_steps} steps; the ratio scaled by sqrt(elements "
+            f"per batch) was added after the first results and does not enter the verdict. "
+            f"Seeds {ctx.seeds}."
         ),
     )
 
@@ -402,8 +422,8 @@ def _loss_figure(ctx: RunContext, numbers: dict) -> None:
     for ax, (placement, name) in zip(axes[:2], PLACEMENTS.items(), strict=True):
         for kind in NORM_KINDS:
             runs = [s[placement][kind] for s in training["seeds"].values()]
-            losses = np.array([[np.nan if v is None else v for v in r["train_loss"]] for r in runs])
-            every = runs[0].get("train_loss_every", 1)
+            rows, every = padded_train_losses(runs)
+            losses = np.array(rows)
             window = max(1, losses.shape[1] // 15)
             kernel = np.ones(window) / window
             smooth = np.array([np.convolve(row, kernel, mode="valid") for row in losses])
@@ -496,10 +516,14 @@ def _fluctuation_figure(ctx: RunContext, numbers: dict) -> None:
     ):
         for name, (text_label, colour, style) in series.items():
             records = [s[name] for s in fluctuation["seeds"].values()]
-            runs = np.array([r[f"{key}_per_step"] for r in records], dtype=float)
+            series_of = [
+                [np.nan if v is None else v for v in r[f"{key}_per_step"]] for r in records
+            ]
+            longest = max(len(v) for v in series_of)  # runs that stopped early end in NaN
+            runs = np.array([v + [np.nan] * (longest - len(v)) for v in series_of], dtype=float)
             every = records[0].get("per_step_every", 1)
             x = np.arange(1, runs.shape[1] + 1) * every
-            ax.plot(x, runs.mean(0), style, color=colour, label=text_label)
+            ax.plot(x, np.nanmean(runs, 0), style, color=colour, label=text_label)
         ax.axvline(fluctuation["burn_in"], color="grey", lw=0.8, ls=":")
         ax.set_yscale("log")
         ax.set_xlabel("training step (dotted: end of burn-in)")
@@ -521,6 +545,18 @@ def _fluctuation_figure(ctx: RunContext, numbers: dict) -> None:
     ax.set_title("Average after burn-in: text (~16 lines) vs images (64)", fontsize=10)
     ax.legend(fontsize=8)
     ctx.figure("fluctuation", fig)
+
+
+def _run_lengths(numbers: dict) -> str:
+    """The shortest and longest run, e.g. '2600-6000'."""
+    lengths = [
+        run["eval_steps"][-1]
+        for seed in numbers["training"]["seeds"].values()
+        for placement in seed.values()
+        for run in placement.values()
+    ]
+    low, high = min(lengths), max(lengths)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def verdict(numbers: dict) -> Verdict:
@@ -561,8 +597,8 @@ def _decide(numbers: dict) -> tuple[str, str, str]:
     post_over_pre = mean(last["post"][deepest]) / mean(last["pre"][deepest])
     training = numbers["training"]
     context = (
-        f" (Held-out loss after {training['steps']} steps of {training['batch']} lines, "
-        f"{len(training['seeds'])} seeds.)"
+        f" (Held-out loss at the end of each run, {_run_lengths(numbers)} steps of "
+        f"{training['batch']} lines, {len(training['seeds'])} seeds.)"
         f" Batch variance fluctuation, text (masked BN) / digits: {fmt(mean(ratios))}x ± "
         f"{fmt(spread(ratios))} (text {'' if text_fluctuates else 'not '}consistently above "
         f"images over seeds). Gradient of the last FFN weight at init with {deepest} layers: "

@@ -26,7 +26,9 @@ from normlab.lab.sequence_models import (
     NORM_COLOURS,
     NORM_KINDS,
     NORM_LABELS,
+    Schedule,
     TokenMLP,
+    padded_train_losses,
     train_next_token,
 )
 
@@ -36,7 +38,13 @@ LR = 1e-2
 EXACT = 1e-12  # "exactly 0" for float64 outputs computed in different batch layouts
 MASKED_EXACT = 1e-9  # masked statistics equal the real-token ones up to float64 rounding
 PADDING_NOISE = 0.05  # a relative statistic error at 50% padding that is not negligible
-FULL_STEPS = 2000  # the full profile's training length, chosen to reach the regime check
+# The full profile's schedule, fixed before its data: 2000 steps at a constant lr 0.01 left
+# 13/20 runs still improving (the previous full report), so the rate now warms up, decays to
+# a tenth by step 1500 and stays there, and a run stops when its held-out curve meets the
+# regime criterion (at most 5000 steps).
+FULL_SCHEDULE = Schedule(
+    lr=LR, max_steps=5000, eval_every=50, warmup=100, decay_end=1500, floor=0.1, early_stop=True
+)
 
 
 def _batch_length_for(lengths: list[int], target: float) -> int:
@@ -127,8 +135,7 @@ def _train_token_model(
     kind: str,
     files: int,
     held_out_count: int,
-    steps: int,
-    eval_every: int,
+    schedule: Schedule,
     power_warmup: int,
 ) -> dict:
     """One training run (a job for ``RunContext.map``); the same initialization stream and
@@ -140,21 +147,23 @@ def _train_token_model(
         model,
         lambda: text.sample_batch(corpus.train, BATCH, generator),
         _held_out(files, held_out_count),
-        steps=steps,
-        lr=LR,
-        eval_every=eval_every,
+        schedule,
     )
-    return curves.as_dict()
+    return curves.as_dict(max_steps=schedule.max_steps)
 
 
 def run(ctx: RunContext) -> Findings:
     pick = ctx.profile.pick
     files = pick(smoke=10, quick=40, full=80)
-    steps = pick(smoke=20, quick=300, full=FULL_STEPS)
-    eval_every = max(1, steps // pick(smoke=10, quick=20, full=40))
-    held_out_count = pick(smoke=64, quick=256, full=1024)
+    schedule = pick(
+        smoke=Schedule(lr=LR, max_steps=20, eval_every=2),
+        quick=Schedule(lr=LR, max_steps=300, eval_every=15),
+        full=FULL_SCHEDULE,
+    )
+    steps = schedule.max_steps
+    held_out_count = pick(smoke=64, quick=256, full=512)
     corpus = text.load_corpus(files=files)
-    power_warmup = max(1, steps // 5)
+    power_warmup = pick(smoke=4, quick=60, full=400)
     numbers = {
         "python": platform.python_version(),
         "data": corpus.describe(),
@@ -162,7 +171,13 @@ def run(ctx: RunContext) -> Findings:
         "target_fractions": list(TARGET_FRACTIONS),
         "statistics": {},
         "batch_mates": {},
-        "training": {"steps": steps, "lr": LR, "power_warmup": power_warmup, "seeds": {}},
+        "training": {
+            "steps": steps,
+            "schedule": schedule.as_dict(),
+            "lr": LR,
+            "power_warmup": power_warmup,
+            "seeds": {},
+        },
     }
     for seed in ctx.track(ctx.seeds, "statistics, seed"):
         generator = ctx.seed_everything(seed)
@@ -181,11 +196,11 @@ def run(ctx: RunContext) -> Findings:
         numbers["batch_mates"][str(seed)] = _batch_mates(model, corpus, generator)
 
     jobs = [
-        (seed, kind, files, held_out_count, steps, eval_every, power_warmup)
+        (seed, kind, files, held_out_count, schedule, power_warmup)
         for seed in ctx.seeds
         for kind in NORM_KINDS
     ]
-    trained = ctx.map(_train_token_model, jobs, f"token models, {steps} steps")
+    trained = ctx.map(_train_token_model, jobs, f"token models, up to {steps} steps")
     for seed in ctx.seeds:
         numbers["training"]["seeds"][str(seed)] = {
             job[1]: curves for job, curves in zip(jobs, trained, strict=True) if job[0] == seed
@@ -201,7 +216,7 @@ def run(ctx: RunContext) -> Findings:
     numbers["regime"] = regime(
         {
             f"{NORM_LABELS[kind]} seed {seed}": plateau(
-                run[kind]["eval_steps"], run[kind]["eval_loss"]
+                run[kind]["eval_steps"], run[kind]["eval_loss"], schedule.constant_from
             )
             for seed, run in numbers["training"]["seeds"].items()
             for kind in NORM_KINDS
@@ -225,10 +240,10 @@ def run(ctx: RunContext) -> Findings:
             f"batch padded to twice its length and with {BATCH - 1} other batch-mates. "
             f"Training: next-character model (embeddings 16 of the last 4 characters -> "
             f"Linear 64 -> norm -> GELU -> Linear 64 -> GELU -> Linear {text.VOCAB_SIZE}), "
-            f"Adam lr {LR} (constant), gradient clipping 1, {steps} steps of {BATCH} random "
+            f"Adam, {schedule.describe()}; gradient clipping 1, batches of {BATCH} random "
             f"lines padded to the longest, loss on real tokens only; held-out loss in eval mode on "
             f"{sum(len(t) for t, _ in _held_out(files, held_out_count))} lines from held-out "
-            f"files, evaluated every {eval_every} steps (the regime check's curve); PowerNorm "
+            f"files (the regime check's curve); PowerNorm "
             f"warmup {power_warmup} steps; {ctx.profile.seeds} seeds ({ctx.seeds}), the same "
             f"initialization stream and batches for every norm within a seed."
         ),
@@ -328,8 +343,8 @@ def _training_figure(ctx: RunContext, numbers: dict) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     for kind in NORM_KINDS:
         runs = [s[kind] for s in training["seeds"].values()]
-        losses = np.array([[np.nan if v is None else v for v in r["train_loss"]] for r in runs])
-        every = runs[0].get("train_loss_every", 1)  # block means of this many steps
+        rows, every = padded_train_losses(runs)  # block means of ``every`` steps
+        losses = np.array(rows)
         window = max(1, losses.shape[1] // 20)
         kernel = np.ones(window) / window
         smooth = np.array([np.convolve(row, kernel, mode="valid") for row in losses])
