@@ -25,6 +25,7 @@ from normlab import reference as ref
 from normlab.ops import kernel_ops as fused_channels
 from normlab.ops import kernel_ops as fused_groups
 from normlab.ops import kernel_ops as fused_rows
+from recording_backend import recording_backend
 from tolerances import grad_tol, tol
 
 FLOATS = [torch.float32, torch.float64]
@@ -534,24 +535,6 @@ class _Block(nn.Module):
         return h.transpose(1, 2) + s
 
 
-def _recording_backend(seen):
-    """A torch.compile backend that records the ops of the forward and backward graphs."""
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
-
-    def record(kind):
-        def compiler(graph, _inputs):
-            seen[kind] |= {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
-            return make_boxed_func(graph.forward)
-
-        return compiler
-
-    def backend(gm, inputs):
-        return aot_module_simplified(gm, inputs, fw_compiler=record("fw"), bw_compiler=record("bw"))
-
-    return backend
-
-
 def test_torch_compile_fullgraph_runs_the_kernels_with_no_graph_break():
     torch._dynamo.reset()
     model = _Block()
@@ -561,7 +544,7 @@ def test_torch_compile_fullgraph_runs_the_kernels_with_no_graph_break():
     eager.load_state_dict(model.state_dict())
     seen = {"fw": set(), "bw": set()}
     with backends.use("numba"):
-        compiled = torch.compile(model, fullgraph=True, backend=_recording_backend(seen))
+        compiled = torch.compile(model, fullgraph=True, backend=recording_backend(seen))
         out = compiled(x, r, lengths)
         out.sum().backward()
         want = eager(x, r, lengths)

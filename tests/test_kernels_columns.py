@@ -14,6 +14,7 @@ from normlab import backends, reference
 from normlab import functional as F
 from normlab.backends import registry
 from normlab.spec import NormSpec, layout
+from recording_backend import recording_backend
 from tolerances import conditioned_tol, grad_tol, tol
 
 pytest.importorskip("numba")
@@ -205,21 +206,9 @@ def test_custom_op_passes_opcheck(center):
 
 
 def test_torch_compile_fullgraph_runs_the_column_ops():
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
-
     torch._dynamo.reset()
     seen = {"fw": set(), "bw": set()}
-
-    def record(kind):
-        def compiler(graph, _inputs):
-            seen[kind] |= {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
-            return make_boxed_func(graph.forward)
-
-        return compiler
-
-    def backend(gm, inputs):
-        return aot_module_simplified(gm, inputs, fw_compiler=record("fw"), bw_compiler=record("bw"))
+    backend = recording_backend(seen)
 
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1))
     import normlab
