@@ -81,6 +81,30 @@ def test_a_claim_is_deterministic_for_a_seed(tmp_path):
     assert runs[0]["claims"][0]["numbers"] == runs[1]["claims"][0]["numbers"]
 
 
+def test_resume_keeps_recorded_claims_and_rerun_runs_named_ones_again(tmp_path):
+    out = str(tmp_path)
+    assert report_main("smoke", ["definition", "position"], out, seed=0) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    # Mark the recorded numbers: a kept claim carries them over, a rerun one replaces them.
+    for claim in first["claims"]:
+        claim["seconds"] = 1234.5
+    (tmp_path / "results.json").write_text(json.dumps(first))
+
+    assert report_main("smoke", ["definition", "position"], out, 0, True, ("position",)) == 0
+    second = json.loads((tmp_path / "results.json").read_text())
+    seconds = {c["key"]: c["seconds"] for c in second["claims"]}
+    assert seconds["definition"] == 1234.5
+    assert seconds["position"] != 1234.5
+    assert second["meta"]["resumed"]["kept"] == ["(a)"]
+    assert second["meta"]["resumed"]["rerun"] == ["(g)"]
+    header = (tmp_path / "report.md").read_text()
+    assert "(a) were kept from the run recorded at" in header
+    assert "(g) ran again by request (--rerun)" in header
+
+    with pytest.raises(SystemExit, match="--rerun: expected experiments"):
+        report_main("smoke", ["definition"], out, 0, True, ("nonsense",))
+
+
 def test_only_rejects_unknown_experiments():
     with pytest.raises(ValueError, match="unknown experiment"):
         load_claims(["padding", "nonsense"])

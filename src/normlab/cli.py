@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the claims an interrupted run of the same profile and seed finished in "
         "--out and run the others (the report says which were kept)",
     )
+    report.add_argument(
+        "--rerun",
+        default=None,
+        help="with --resume: comma-separated experiments to run again even if recorded, "
+        "e.g. after a change to their schedule (the report says which ran again)",
+    )
     bench = commands.add_parser(
         "bench",
         help="time the norms against torch eager, torch.compile and a memory copy",
@@ -70,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from normlab.lab import main as lab_main
 
         only = None if args.only is None else args.only.split(",")
-        return lab_main.main(args.profile, only, args.out, args.seed, args.resume)
+        rerun = () if args.rerun is None else tuple(args.rerun.split(","))
+        if rerun and not args.resume:
+            parser.error("--rerun needs --resume (without it every claim runs)")
+        return lab_main.main(args.profile, only, args.out, args.seed, args.resume, rerun)
     if args.command == "bench":
         from normlab.bench import run_from_args
 

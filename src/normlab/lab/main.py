@@ -10,10 +10,12 @@ from pathlib import Path
 from normlab.lab.runner import PROFILES, load_claims, run_claims
 
 
-def _kept(out: Path, profile_name: str, seed: int, claims: list) -> tuple[list, dict | None]:
+def _kept(
+    out: Path, profile_name: str, seed: int, claims: list, rerun: tuple[str, ...] = ()
+) -> tuple[list, dict | None]:
     """--resume: the claims an earlier, interrupted run of this profile and seed finished in
-    ``out`` (its results.json and figures), as results; verdicts are re-derived from their
-    numbers by the current rules."""
+    ``out`` (its results.json and figures), as results, except those named in ``rerun``;
+    verdicts are re-derived from their numbers by the current rules."""
     from normlab.lab.runner import ClaimResult, Findings
 
     path = out / "results.json"
@@ -27,7 +29,7 @@ def _kept(out: Path, profile_name: str, seed: int, claims: list) -> tuple[list, 
     kept = []
     for recorded in document["claims"]:
         claim = by_key.get(recorded["key"])
-        if claim is None:
+        if claim is None or claim.key in rerun:
             continue
         figures = {
             name: (out / f"{claim.key}-{name}.png").read_bytes() for name in recorded["figures"]
@@ -36,11 +38,20 @@ def _kept(out: Path, profile_name: str, seed: int, claims: list) -> tuple[list, 
         verdict = claim.verdict(findings.numbers)
         kept.append(ClaimResult(claim, findings, verdict, figures, recorded["seconds"]))
     resumed = {"kept": [f"({r.claim.letter})" for r in kept], "from": meta["date"]}
+    if rerun:
+        resumed["rerun"] = [f"({c.letter})" for c in claims if c.key in rerun]
+    if meta.get("resumed"):  # that run was itself resumed: say where its claims came from
+        resumed["earlier"] = meta["resumed"]
     return kept, resumed if kept else None
 
 
 def main(
-    profile_name: str, only: list[str] | None, out: str, seed: int, resume: bool = False
+    profile_name: str,
+    only: list[str] | None,
+    out: str,
+    seed: int,
+    resume: bool = False,
+    rerun: tuple[str, ...] = (),
 ) -> int:
     try:
         import matplotlib
@@ -62,11 +73,18 @@ def main(
         + (f" --only {','.join(only)}" if only else "")
         + f" --seed {seed} --out {out}"
         + (" --resume" if resume else "")
+        + (f" --rerun {','.join(rerun)}" if rerun else "")
     )
     load_start = os.getloadavg()
     start = time.perf_counter()
 
-    kept, resumed = _kept(Path(out), profile_name, seed, claims) if resume else ([], None)
+    unknown = [key for key in rerun if key not in {claim.key for claim in claims}]
+    if unknown:
+        raise SystemExit(
+            f"--rerun: expected experiments of this run ({', '.join(c.key for c in claims)}), "
+            f"got {', '.join(unknown)}"
+        )
+    kept, resumed = _kept(Path(out), profile_name, seed, claims, rerun) if resume else ([], None)
     done = {r.claim.key for r in kept}
     earlier = sum(r.seconds for r in kept)
 

@@ -136,6 +136,29 @@ def verdict_table_rows(document: dict) -> list[tuple[str, str, str, str]]:
     ]
 
 
+def _resumed_text(resumed: dict) -> str:
+    """The report header's account of --resume (and --rerun): which claims come from which
+    recorded run."""
+    reran = resumed.get("rerun")
+    earlier = resumed.get("earlier")
+    return (
+        f" Resumed: claims {', '.join(resumed['kept'])} were kept from the run recorded at "
+        f"{resumed['from']} (same profile and seed"
+        + (
+            f"; that run had itself kept {', '.join(earlier['kept'])} from {earlier['from']}"
+            if earlier
+            else ""
+        )
+        + ")"
+        + (
+            f"; {', '.join(reran)} ran again by request (--rerun)"
+            if reran
+            else "; the others ran again"
+        )
+        + "; the seconds are those of all claims together."
+    )
+
+
 def header(meta: dict) -> str:
     """The report's first lines: how it was made and on what."""
     load = meta.get("load_average")
@@ -152,13 +175,7 @@ def header(meta: dict) -> str:
         else ""
     )
     resumed = meta.get("resumed")
-    resumed_text = (
-        f" Resumed: claims {', '.join(resumed['kept'])} were kept from the run recorded at "
-        f"{resumed['from']} (same profile and seed; that run stopped after them), the others ran "
-        f"again; the seconds are those of all claims together."
-        if resumed
-        else ""
-    )
+    resumed_text = _resumed_text(resumed) if resumed else ""
     return (
         f"{command}profile `{meta['profile']}` ({meta['seeds']} seeds from {meta['seed']}), "
         f"{meta['seconds']} s on {meta.get('cpu', meta['machine'])}, {meta['cpu_cores']} "
