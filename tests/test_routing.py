@@ -39,6 +39,9 @@ def _calls(n, c, length, dtype, device):
     return {
         "layer_norm": lambda: F.layer_norm(x(*rows), (c,), ones(c), zeros(c)),
         "layer_norm-no-affine": lambda: F.layer_norm(x(*rows), (c,)),
+        "layer_norm-training": lambda: F.layer_norm(
+            x(*rows), (c,), ones(c).requires_grad_(), zeros(c).requires_grad_()
+        ),
         "layer_norm-dim1": lambda: F.layer_norm(x(), (c,), ones(c), zeros(c), dim=1),
         "layer_norm-non-contiguous": lambda: F.layer_norm(x(*rows).t(), (n * length,)),
         "rms_norm": lambda: F.rms_norm(x(*rows), (c,), ones(c)),
@@ -91,6 +94,9 @@ def routing_table(device: str = "cpu") -> dict[str, str]:
 CPU_ROUTES = {
     "layer_norm": "T T T T T T N N N",
     "layer_norm-no-affine": "T T T T T T N N N",
+    # with a gradient: torch's half-precision backward is not exact enough, the kernel is
+    # faster than the composite at any size
+    "layer_norm-training": "T T N T T N N N N",
     # channels-first LayerNorm: the column kernel from AUTO_TORCH_COLUMN_ELEMENTS on (not bf16)
     "layer_norm-dim1": "T T T N N T N N T",
     "layer_norm-non-contiguous": "T T T T T T T T T",

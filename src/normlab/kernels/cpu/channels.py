@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from normlab.kernels.cpu.common import zeros
 from normlab.kernels.cpu.runtime import CHUNKS, kernel, serial
 
 # A block of work (rows x positions x channels) is at most this many bytes of x, so the
@@ -68,16 +69,6 @@ def _block(w, A, C, B, plan):
 
 
 @serial
-def _zeros(n):
-    """float64 zeros by a serial loop: outside a prange np.zeros is a parallel region of its
-    own (a thread wake-up and a barrier, costly on a loaded machine)."""
-    z = np.empty(n)
-    for i in range(n):
-        z[i] = 0.0
-    return z
-
-
-@serial
 def _div(a, b):
     """a / b with IEEE semantics at b == 0 (Numba's default error model would raise)."""
     if b != 0:
@@ -121,7 +112,7 @@ def _pivots(x, mask, masked):
     x - pivot, so the block means that Chan's merge compares are small and exact even when
     |mean| >> std (a float64 mean of 1e4 is only known to 2e-12)."""
     A, C, B = x.shape
-    k = _zeros(C)
+    k = zeros(C)
     first = -1
     if not masked:
         first = 0 if A * B > 0 else -1
@@ -300,8 +291,8 @@ def channel_statistics(x, mask, mean, var, count):
     # Chan's merge, block by block in order; the block count is the same for every channel,
     # so the weights are scalars and the loop over channels vectorizes.
     n = 0.0
-    mu = _zeros(C)
-    m2 = _zeros(C)
+    mu = zeros(C)
+    m2 = zeros(C)
     for p in range(parts):
         nb = pn[p]
         if nb == 0:
@@ -551,8 +542,8 @@ def channel_backward(dy, x, mean, rstd, weight, mask, count, stats_given, dx, dw
     kb = np.empty(C)
     kk = np.empty(C)
     n = count[0]
-    s1 = _zeros(C)
-    s2 = _zeros(C)
+    s1 = zeros(C)
+    s2 = zeros(C)
     for p in range(parts):  # in block order; vectorized over channels
         for c in range(C):
             s1[c] += pdb[p, c]

@@ -25,9 +25,20 @@ def rsqrt(v):
 
 
 @serial
+def zeros(n):
+    """float64 zeros by a serial loop: in a parallel kernel np.zeros (and np.full) outside a
+    prange is a parallel region of its own (a thread wake-up and a barrier, costly for a
+    small input and on a loaded machine)."""
+    z = np.empty(n)
+    for i in range(n):
+        z[i] = 0.0
+    return z
+
+
+@serial
 def add_blocks(partial, out):
     """out = partial[0] + partial[1] + ... in block order (vectorized across columns)."""
-    acc = np.zeros(partial.shape[1])
+    acc = zeros(partial.shape[1])
     for blk in range(partial.shape[0]):
         p = partial[blk]
         for j in range(acc.shape[0]):

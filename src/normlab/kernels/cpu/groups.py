@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds
+from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds, zeros
 from normlab.kernels.cpu.runtime import CHUNKS, kernel, serial
 
 
@@ -79,7 +79,9 @@ def group_norm_forward(x, weight, bias, groups, eps, mask, y, mean, var, rstd):
     masked = mask.shape[0] != 0
     xf = x.reshape(batch, channels * positions)
     yf = y.reshape(batch, channels * positions)
-    real = np.full(batch, positions)  # real positions per sample
+    real = np.empty(batch, np.int64)  # real positions per sample (a serial fill: np.full
+    for b in range(batch):  # would be a parallel region of its own)
+        real[b] = positions
     if masked:
         for b in prange(batch):
             real[b] = _real_positions(mask, b)
@@ -210,8 +212,8 @@ def group_norm_backward(dy, x, weight, mean, rstd, groups, mask, dx, dweight, db
     blocks, size = serial_chunk_bounds(batch)
     span = -(-groups // min(groups, max(1, -(-CHUNKS // max(blocks, 1)))))  # groups per task
     parts = -(-groups // span)
-    pw = np.zeros((blocks, channels))
-    pb = np.zeros((blocks, channels))
+    pw = zeros(blocks * channels).reshape(blocks, channels)
+    pb = zeros(blocks * channels).reshape(blocks, channels)
     for t in prange(blocks * parts):
         blk = t // parts
         first = (t - blk * parts) * span

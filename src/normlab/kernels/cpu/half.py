@@ -248,3 +248,14 @@ def _pivot_overload(a):
     if a.dtype in (types.uint16, types.int16):
         return lambda a: load(a, 0) if a.shape[0] > 0 else np.float32(0)
     return lambda a: 0.0
+
+
+def scratch(a, rows, cols):
+    """An uninitialized (rows, cols) array of ``compute``'s dtype for ``a``'s elements."""
+
+
+@overload(scratch)
+def _scratch_overload(a, rows, cols):
+    if a.dtype in (types.uint16, types.int16):
+        return lambda a, rows, cols: np.empty((rows, cols), np.float32)
+    return lambda a, rows, cols: np.empty((rows, cols), np.float64)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from normlab.kernels.cpu.common import zeros
 from normlab.kernels.cpu.runtime import CHUNKS, kernel, serial
 
 SUMS = 4  # dweight, dbias, gamma, lam
@@ -83,7 +84,7 @@ def power_norm_backward(dy, x, rstd, weight, nu, mask, dx, sums):
     rs = rstd.astype(np.float64)
     w = weight.astype(np.float64)
     nv = nu.astype(np.float64)
-    partial = np.zeros((max(blocks, 1), SUMS, c_count))
+    partial = zeros(max(blocks, 1) * SUMS * c_count).reshape(max(blocks, 1), SUMS, c_count)
     for blk in prange(blocks):
         a0 = blk * size
         a1 = min(a_count, a0 + size)

@@ -30,7 +30,7 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds
-from normlab.kernels.cpu.half import compute, load, pivot, store
+from normlab.kernels.cpu.half import compute, load, pivot, scratch, store
 from normlab.kernels.cpu.runtime import kernel, serial
 
 
@@ -202,10 +202,13 @@ def row_norm_backward(dy, x, weight, mean, rstd, center, extra, dx, dweight, dbi
     # Per block, pw = partial[:n] and pb = partial[n + pad:], half a page apart (no 4K
     # aliasing between their loads and stores).
     pad = (256 - n % 512) % 512
-    partial = np.full((blocks, 2 * n + pad), compute(x, 0.0))  # float32 for half input
+    partial = scratch(x, blocks, 2 * n + pad)  # float32 for half input
     for blk in prange(blocks):
         pw = partial[blk, :n]
         pb = partial[blk, n + pad :]
+        for j in range(n):  # each block zeroes its own sums (no parallel region of np.full)
+            pw[j] = 0.0
+            pb[j] = 0.0
         mus = np.empty(4)
         stop = min(rows, (blk + 1) * size)
         for r in range(blk * size, stop, 4):
