@@ -47,6 +47,7 @@ def _seed_and_backend(backend, monkeypatch):
     monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 0)
     monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (0, 0, 0))
     monkeypatch.setattr(backends, "AUTO_TORCH_COLUMN_ELEMENTS", (0, 0))
+    monkeypatch.setattr(backends, "AUTO_TORCH_GIVEN_ELEMENTS", 0)
     plans.clear()  # a test may change what a family takes (availability, thresholds)
     with backends.use(backend):
         yield

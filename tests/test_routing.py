@@ -17,6 +17,7 @@ AUTO_DEFAULTS = {
     "AUTO_MIN_ELEMENTS": 1 << 15,
     "AUTO_TORCH_ELEMENTS": (1 << 20, 1 << 18, 1 << 20),
     "AUTO_TORCH_COLUMN_ELEMENTS": (1 << 15, 1 << 15),
+    "AUTO_TORCH_GIVEN_ELEMENTS": 1 << 18,
 }
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16}
 
@@ -111,8 +112,9 @@ CPU_ROUTES = {
     "batch_norm-channels-last": "C C C N N C N N C",
     "batch_norm-masked": "C C C N N C N N C",
     "batch_norm-ghost": "C C C C C C C C C",  # two kept axes (virtual batch, channel)
-    "batch_norm-eval": "T T T N N T N N T",
-    "batch_norm-eval-float32-stats": "T C C N C C N C C",  # statistics of another dtype
+    # BatchNorm eval: torch's op below AUTO_TORCH_GIVEN_ELEMENTS (1 << 18), the kernel above
+    "batch_norm-eval": "T T T T T T N N T",
+    "batch_norm-eval-float32-stats": "T C C T C C N C C",  # statistics of another dtype
     "batch_renorm": "C C C N N C N N C",
     "power_norm-eval": "C C C N N C N N C",  # a quadratic mean, no mean: not torch's BatchNorm
     "power_norm-warmup": "T T T T T T T T T",  # RMS over the batch axis: torch's op, moved axis

@@ -22,7 +22,8 @@
   ``AUTO_MIN_ELEMENTS`` elements (below that, the fixed cost of a kernel call outweighs
   its speed), except the LayerNorm/RMSNorm/GroupNorm/InstanceNorm calls that ``"torch"``
   takes, which go to Numba from ``AUTO_TORCH_ELEMENTS`` on (LayerNorm/RMSNorm over one
-  non-trailing axis, channels-first, from ``AUTO_TORCH_COLUMN_ELEMENTS`` on); else
+  non-trailing axis, channels-first, from ``AUTO_TORCH_COLUMN_ELEMENTS`` on; BatchNorm
+  with given statistics from ``AUTO_TORCH_GIVEN_ELEMENTS`` on); else
   ``"torch"`` where it applies (small, half-precision, strided and channels-first inputs,
   BatchNorm eval); ``"composite"`` otherwise. Each call signature is decided once
   (``normlab.backends.plans``). Under ``torch.onnx.export``, ``"torch"`` or
@@ -63,6 +64,13 @@ AUTO_TORCH_ELEMENTS = (1 << 20, 1 << 18, 1 << 20)
 # on a shared 2-core machine, float32 (N, C, 16, 16), torch time / kernel time: at 16K
 # elements 0.84-1.10, at 32K 1.01-1.61, at 64K and above 1.2-2.5; docs/benchmarks.md).
 AUTO_TORCH_COLUMN_ELEMENTS = (1 << 15, 1 << 15)
+
+# BatchNorm with given statistics (eval): below this size "auto" leaves it to the "torch"
+# family (x - mean, then torch's op) rather than the Numba kernel, whose launch (float64
+# scale and shift, array views, thread sync) costs about 50 us. 2 idle cores, 2026-12-07,
+# (N, C, H, W) float32, microseconds torch family / kernel: 12K elements 17 / 53, 50K 30 /
+# 61, 200K 59 / 74, 4M 1808 / 771 (docs/benchmarks.md).
+AUTO_TORCH_GIVEN_ELEMENTS = 1 << 18
 
 
 class _State(threading.local):

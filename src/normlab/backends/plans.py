@@ -31,31 +31,35 @@ _TENSORS = (torch.Tensor, torch.nn.Parameter)
 _plans: dict = {}
 
 
+_tracing_state = torch._C._get_tracing_state
+_is_compiling = torch.compiler.is_compiling
+_Tensor = torch.Tensor
+
+
 def key(fn: str, x, eps, tensors, *args):
     """The memo key of a call (``tensors``: its weight, bias and statistics, each a tensor or
     None; ``args``: its other arguments, hashable), or None when the call must take the full
     path."""
     if (
-        type(x) is not torch.Tensor
+        type(x) is not _Tensor
         or type(eps) is not float
-        or torch._C._get_tracing_state() is not None
-        or torch.compiler.is_compiling()
+        or _tracing_state() is not None
+        or _is_compiling()
     ):
         return None
+    dtype = x.dtype
+    half_grad = False
     parts = [fn, eps, *args]
     for t in tensors:
         if t is None:
             parts.append(None)
         elif type(t) in _TENSORS:
             parts.append((t.shape, t.dtype, t.device))
+            half_grad = half_grad or t.requires_grad
         else:
             return None
-    dtype = x.dtype
-    half_grad = (
-        dtype in HALF
-        and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (x, *tensors))
-    )
+    # whether a float16/bfloat16 call needs a gradient (the torch family refuses those)
+    half_grad = dtype in HALF and (half_grad or x.requires_grad) and torch.is_grad_enabled()
     parts += (
         x.shape,
         dtype,
@@ -66,6 +70,7 @@ def key(fn: str, x, eps, tensors, *args):
         backends.AUTO_MIN_ELEMENTS,
         backends.AUTO_TORCH_ELEMENTS,
         backends.AUTO_TORCH_COLUMN_ELEMENTS,
+        backends.AUTO_TORCH_GIVEN_ELEMENTS,
     )
     return tuple(parts)
 

@@ -353,7 +353,9 @@ def _auto(call: Call) -> Family:
         if kernel is NUMBA:
             n = call.x.numel()
             small = n < backends.AUTO_MIN_ELEMENTS or (
-                call.spec.stats == "batch" and TORCH.takes(call) is None and n < _torch_bound(call)
+                call.spec.stats in ("batch", "given")
+                and TORCH.takes(call) is None
+                and n < _torch_bound(call)
             )
         if not small and kernel.takes(call) is None:
             return kernel
@@ -378,7 +380,10 @@ def _auto(call: Call) -> Family:
 def _torch_bound(call: Call) -> int:
     """``AUTO_TORCH_ELEMENTS``'s entry for a call the torch family took (its layout set);
     ``AUTO_TORCH_COLUMN_ELEMENTS``'s for LayerNorm/RMSNorm over one moved axis (the column
-    kernel's calls, where torch's path pays a permuted copy)."""
+    kernel's calls, where torch's path pays a permuted copy); ``AUTO_TORCH_GIVEN_ELEMENTS``
+    for BatchNorm with given statistics."""
+    if call.spec.stats == "given":
+        return backends.AUTO_TORCH_GIVEN_ELEMENTS
     if isinstance(call.layout, spec.Layout):  # GroupNorm/InstanceNorm
         return backends.AUTO_TORCH_ELEMENTS[2]
     bounds = (
