@@ -181,13 +181,15 @@ def test_the_memo_is_bounded(monkeypatch):
     assert _unplanned(F.layer_norm, torch.ones(2, 8), (8,)).abs().max() == 0
 
 
+@pytest.mark.parametrize("shape", [(4, 6, 50), (4, 6), (2, 6, 5, 5)])
 @pytest.mark.parametrize("backend", ["auto", "torch", "numba", "composite"])
-def test_batch_norm_eval_is_planned_exact_and_differentiable(backend, decisions):
+def test_batch_norm_eval_is_planned_exact_and_differentiable(backend, shape, decisions):
     """BatchNorm with running statistics: decided once per signature, and exact on data far
     from zero in float32 (torch's own eval op loses 0.1 there; normlab hands it x - mean)."""
-    x0 = (1e4 + 1e-3 * torch.randn(4, 6, 50, dtype=torch.float64)).float()
-    mean = x0.double().mean((0, 2)).float()
-    var = x0.double().var((0, 2), unbiased=False).float()
+    x0 = (1e4 + 1e-3 * torch.randn(*shape, dtype=torch.float64)).float()
+    axes = tuple(d for d in range(x0.dim()) if d != 1)
+    mean = x0.double().mean(axes).float()
+    var = x0.double().var(axes, unbiased=False).float()
     w, b = torch.randn(6), torch.randn(6)
     want = torch.nn.functional.batch_norm(
         x0.double(), mean.double(), var.double(), w.double(), b.double()
@@ -208,7 +210,8 @@ def test_batch_norm_eval_is_planned_exact_and_differentiable(backend, decisions)
     for got in grads[1:]:
         for a, c in zip(got, grads[0], strict=True):
             torch.testing.assert_close(a, c, rtol=0, atol=0)
-    torch.testing.assert_close(grads[0][0], (w / (var + 1e-5).sqrt())[:, None].expand(4, 6, 50))
+    scale = (w / (var + 1e-5).sqrt()).view((6,) + (1,) * (x0.dim() - 2))
+    torch.testing.assert_close(grads[0][0], scale.expand(shape))
 
 
 def test_batch_norm_module_in_eval_uses_its_plan_after_a_training_step(decisions):
