@@ -48,7 +48,8 @@ def conditioned_tol(dtype: torch.dtype, condition: float) -> dict:
     """Tolerance for data with |mean| / std = ``condition`` (e.g. 1e4 + 1e-3 noise: 1e7),
     on outputs of size about 1: rounding the mean once to the accumulation dtype moves every
     normalized value by |mean| * eps relative to std, in any exact implementation. float32
-    and half input accumulate in float64 or carry a float64 mean, so they keep ``tol``;
+    and half input accumulate in float64, or in float32 from a pivot (the row's first
+    element, which x - pivot keeps exact), so they keep ``tol``;
     float64 gets about 4.5 ulp of the mean, times the condition."""
     if dtype != torch.float64:
         return tol(dtype)
