@@ -10,6 +10,7 @@ from torch import nn
 
 from normlab import functional as F
 from normlab.axes import as_dims, as_shape
+from normlab.backends import plans
 from normlab.checks import check_common, check_real
 from normlab.modules.affine import register_affine, reset_affine
 
@@ -102,6 +103,15 @@ class LayerNorm(_FeatureNorm):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias, eps = self.weight, self.bias, self.eps
+        if self.offset == 0:  # a signature seen before: its plan, without the functional frames
+            runner = plans.get(
+                plans.key(
+                    "layer_norm", input, eps, (weight, bias), self.normalized_shape, self.dim, 0.0
+                )
+            )
+            if runner:
+                return runner(input, weight, bias, eps)
         return F.layer_norm(
             input,
             self.normalized_shape,
@@ -148,6 +158,13 @@ class RMSNorm(_FeatureNorm):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, eps = self.weight, self.eps
+        if self.offset == 0 and type(eps) is float:  # as LayerNorm.forward
+            runner = plans.get(
+                plans.key("rms_norm", x, eps, (weight, None), self.normalized_shape, self.dim, 0.0)
+            )
+            if runner:
+                return runner(x, weight, None, eps)
         return F.rms_norm(
             x, self.normalized_shape, self.weight, self.eps, dim=self.dim, offset=self.offset
         )
