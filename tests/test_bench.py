@@ -272,6 +272,8 @@ def test_whole_model_timing_compares_equal_models(restore_threads):
             assert r["max_abs_diff"] < 1e-4, (name, call)
             assert all(t > 0 for t in r["median_s"].values())
             assert r["ratio"] == r["median_s"]["original"] / r["median_s"]["converted"]
+            # the noise floor: the original against an unconverted copy, same rounds
+            assert r["control_ratio"] == r["median_s"]["original"] / r["median_s"]["control"]
     original, converted, _ = models.build("convnext", "toy")
     assert any(isinstance(m, torch.nn.LayerNorm) for m in original.modules())
     assert not any(type(m) is torch.nn.LayerNorm for m in converted.modules())

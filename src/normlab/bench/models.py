@@ -147,6 +147,12 @@ def build(name: str, grid: str, seed: int = 0) -> tuple[nn.Module, nn.Module, st
     return original, converted, str(summary).splitlines()[0] if str(summary) else ""
 
 
+# The runs' noise floor: the original against an unconverted deepcopy of itself (the same
+# computation on other memory), timed in the same interleaved rounds. A converted model's
+# ratio inside the control's distance from 1 is "as fast within noise".
+CONTROL = "control"
+
+
 def measure(grid: str, repetitions: int, warmup: int, seed: int = 0) -> dict:
     """Median times of each model's calls, original and converted, and their ratios."""
     grid = grid if grid in SIZES else "default"
@@ -166,9 +172,11 @@ def measure(grid: str, repetitions: int, warmup: int, seed: int = 0) -> dict:
             with torch.inference_mode():
                 want = _call(original, name, x)
                 error = float((_call(converted, name, x) - want).abs().max())
+            control = copy.deepcopy(original)
             runners = {
                 "original": _runner(original, name, call, x),
                 "converted": _runner(converted, name, call, x),
+                CONTROL: _runner(control, name, call, x),
             }
             samples = timing.interleaved(runners, repetitions, warmup, seed)
             medians = {k: timing.summarize(v)["median_s"] for k, v in samples.items()}
@@ -176,6 +184,7 @@ def measure(grid: str, repetitions: int, warmup: int, seed: int = 0) -> dict:
                 "input": list(x.shape),
                 "median_s": medians,
                 "ratio": medians["original"] / medians["converted"],
+                "control_ratio": medians["original"] / medians[CONTROL],
                 "max_abs_diff": error,
             }
         results[name] = entry
@@ -186,12 +195,12 @@ def print_table(results: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title="whole models: normlab.convert vs unconverted, median ms")
-    for column in ("model", "call", "input", "original", "converted", "x original"):
+    for column in ("model", "call", "input", "original", "converted", "x original", "control"):
         table.add_column(column, justify="right")
     table.add_column("max |diff|", justify="right")
     for name, entry in results.items():
         if "skipped" in entry:
-            table.add_row(name, "skipped", entry["skipped"], "", "", "", "")
+            table.add_row(name, "skipped", entry["skipped"], "", "", "", "", "")
             continue
         for call, r in entry["calls"].items():
             table.add_row(
@@ -201,30 +210,34 @@ def print_table(results: dict, console) -> None:
                 f"{1e3 * r['median_s']['original']:.3f}",
                 f"{1e3 * r['median_s']['converted']:.3f}",
                 f"{r['ratio']:.3f}",
+                f"{r['control_ratio']:.3f}",
                 f"{r['max_abs_diff']:.1e}",
             )
     console.print(table)
     console.print(
         "x original: the original's median time / the converted model's (above 1: the "
         "converted model is faster); decode: 1 token (1 image), prefill: 4x128 tokens "
-        "(8 images), both in inference_mode; train: forward + backward of the mean output"
+        "(8 images), both in inference_mode; train: forward + backward of the mean output; "
+        "control: the original's time / an unconverted copy's, the same rounds (the noise "
+        "floor: a ratio as far from 1 means nothing)"
     )
 
 
 def markdown(results: dict) -> str:
     lines = [
-        "| model | call | input | original ms | converted ms | x original | max abs diff |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | call | input | original ms | converted ms | x original | control "
+        "| max abs diff |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in results.items():
         if "skipped" in entry:
-            lines.append(f"| {name} | skipped: {entry['skipped']} | | | | | |")
+            lines.append(f"| {name} | skipped: {entry['skipped']} | | | | | | |")
             continue
         for call, r in entry["calls"].items():
             shape = "x".join(map(str, r["input"]))
             lines.append(
                 f"| {name} | {call} | {shape} | {1e3 * r['median_s']['original']:.3f} | "
                 f"{1e3 * r['median_s']['converted']:.3f} | {r['ratio']:.3f} | "
-                f"{r['max_abs_diff']:.1e} |"
+                f"{r['control_ratio']:.3f} | {r['max_abs_diff']:.1e} |"
             )
     return "\n".join(lines) + "\n"
