@@ -46,6 +46,7 @@ def _seed_and_backend(backend, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 0)
     monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (0, 0, 0))
+    monkeypatch.setattr(backends, "AUTO_TORCH_TRAINING_ELEMENTS", (0, 0, 0))
     monkeypatch.setattr(backends, "AUTO_TORCH_COLUMN_ELEMENTS", (0, 0))
     monkeypatch.setattr(backends, "AUTO_TORCH_GIVEN_ELEMENTS", 0)
     plans.clear()  # a test may change what a family takes (availability, thresholds)

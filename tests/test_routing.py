@@ -11,11 +11,12 @@ from normlab import functional as F
 from normlab.backends import registry
 from normlab.spec import NormSpec, layout
 
-# below AUTO_MIN_ELEMENTS (1 << 15); above it; at AUTO_TORCH_ELEMENTS's LayerNorm bound (1 << 20)
+# below AUTO_MIN_ELEMENTS (1 << 15); above it; above AUTO_TORCH_ELEMENTS's bounds (1 << 20)
 SIZES = {"small": (4, 8, 4), "large": (16, 64, 64), "huge": (64, 64, 256)}
 AUTO_DEFAULTS = {
     "AUTO_MIN_ELEMENTS": 1 << 15,
-    "AUTO_TORCH_ELEMENTS": (1 << 20, 1 << 18, 1 << 20),
+    "AUTO_TORCH_ELEMENTS": (1 << 18, 1 << 17, 1 << 19),
+    "AUTO_TORCH_TRAINING_ELEMENTS": (1 << 22, 1 << 17, 1 << 22),
     "AUTO_TORCH_COLUMN_ELEMENTS": (1 << 15, 1 << 15),
     "AUTO_TORCH_GIVEN_ELEMENTS": 1 << 18,
 }
@@ -96,8 +97,9 @@ CPU_ROUTES = {
     "layer_norm": "T T T T T T N N N",
     "layer_norm-no-affine": "T T T T T T N N N",
     # with a gradient: torch's half-precision backward is not exact enough, the kernel is
-    # faster than the composite at any size
-    "layer_norm-training": "T T N T T N N N N",
+    # faster than the composite at any size; float32/float64 stay with torch's op up to
+    # AUTO_TORCH_TRAINING_ELEMENTS (4M for LayerNorm)
+    "layer_norm-training": "T T N T T N T T N",
     # channels-first LayerNorm: the column kernel from AUTO_TORCH_COLUMN_ELEMENTS on (not bf16)
     "layer_norm-dim1": "T T T N N T N N T",
     "layer_norm-non-contiguous": "T T T T T T T T T",

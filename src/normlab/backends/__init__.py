@@ -21,7 +21,8 @@
   CPU tensors ``"numba"`` where it applies and the input has at least
   ``AUTO_MIN_ELEMENTS`` elements (below that, the fixed cost of a kernel call outweighs
   its speed), except the LayerNorm/RMSNorm/GroupNorm/InstanceNorm calls that ``"torch"``
-  takes, which go to Numba from ``AUTO_TORCH_ELEMENTS`` on (LayerNorm/RMSNorm over one
+  takes, which go to Numba from ``AUTO_TORCH_ELEMENTS`` on (``AUTO_TORCH_TRAINING_ELEMENTS``
+  for a call that needs a gradient; LayerNorm/RMSNorm over one
   non-trailing axis, channels-first, from ``AUTO_TORCH_COLUMN_ELEMENTS`` on; BatchNorm
   with given statistics from ``AUTO_TORCH_GIVEN_ELEMENTS`` on); else
   ``"torch"`` where it applies (small, half-precision, strided and channels-first inputs,
@@ -53,10 +54,18 @@ AUTO_MIN_ELEMENTS = 1 << 15
 
 # (LayerNorm, RMSNorm, GroupNorm/InstanceNorm): below these sizes "auto" leaves the calls
 # torch's own ops compute (the "torch" family) to them, not to the Numba kernels: torch's
-# fused op behind normlab's per-call plan costs less than a kernel launch there (the
-# crossover measured on 2 cores, docs/benchmarks.md). torch's CPU RMSNorm is not fused,
-# hence the lower bound.
-AUTO_TORCH_ELEMENTS = (1 << 20, 1 << 18, 1 << 20)
+# fused op behind normlab's per-call plan costs less than a kernel launch there. Measured
+# with scripts/auto_crossover.py through the public modules (2 idle cores, 2 threads,
+# 2026-12-07, torch time / kernel time, two runs): without a gradient LayerNorm 0.80 at
+# 128K elements, 1.02-1.04 at 256K; RMSNorm (torch's CPU RMSNorm is not fused) 0.78-0.90 at
+# 64K, 1.02-1.05 at 128K; GroupNorm/InstanceNorm 0.91-0.98 at 320K, 1.04-1.45 at 512K.
+AUTO_TORCH_ELEMENTS = (1 << 18, 1 << 17, 1 << 19)
+
+# The same bounds for a call that needs a gradient (a training step, forward and backward),
+# where torch's own backward is harder to beat: LayerNorm 0.88-1.02 at 1M-2M elements,
+# 1.12 at 4M; RMSNorm 1.07-1.10 at 128K; GroupNorm/InstanceNorm 0.93-1.07 at 2M, 1.03-1.16
+# at 4M (same runs).
+AUTO_TORCH_TRAINING_ELEMENTS = (1 << 22, 1 << 17, 1 << 22)
 
 # (LayerNorm, RMSNorm) over one axis that is not the last (channels-first, the column
 # kernels): the same rule, but torch's path there moves the axis last and pays a permuted

@@ -10,8 +10,9 @@ decision, made once.
 
 The key holds everything the checks and the decision read: the entry point, the arguments
 (``normalized_shape``, ``dim``, ``eps``), the input's shape, dtype, device and contiguity,
-the parameters' shapes, dtypes and devices, whether a float16/bfloat16 call needs a
-gradient (the torch family refuses those), the requested backend and the size thresholds of "auto".
+the parameters' shapes, dtypes and devices, whether the call needs a gradient ("auto"'s
+size bounds differ, and the torch family refuses float16/bfloat16 gradients), the requested
+backend and the size thresholds of "auto".
 Plans are eager only: no key (the full path) under ``torch.compile``, TorchScript tracing
 (``torch.onnx.export(dynamo=False)``), for tensor subclasses (the fake and functional
 tensors of ``torch.export`` and the dynamo ONNX exporter) and for a tensor ``eps``.
@@ -47,28 +48,29 @@ def key(fn: str, x, eps, tensors, *args):
         or _is_compiling()
     ):
         return None
-    dtype = x.dtype
-    half_grad = False
+    grad = x.requires_grad
     parts = [fn, eps, *args]
     for t in tensors:
         if t is None:
             parts.append(None)
         elif type(t) in _TENSORS:
             parts.append((t.shape, t.dtype, t.device))
-            half_grad = half_grad or t.requires_grad
+            grad = grad or t.requires_grad
         else:
             return None
-    # whether a float16/bfloat16 call needs a gradient (the torch family refuses those)
-    half_grad = dtype in HALF and (half_grad or x.requires_grad) and torch.is_grad_enabled()
+    # whether the call needs a gradient: "auto"'s size bounds differ then, and the torch
+    # family refuses float16/bfloat16 gradients
+    grad = grad and torch.is_grad_enabled()
     parts += (
         x.shape,
-        dtype,
+        x.dtype,
         x.device,
         x.is_contiguous(),
-        half_grad,
+        grad,
         backends.get_backend(),
         backends.AUTO_MIN_ELEMENTS,
         backends.AUTO_TORCH_ELEMENTS,
+        backends.AUTO_TORCH_TRAINING_ELEMENTS,
         backends.AUTO_TORCH_COLUMN_ELEMENTS,
         backends.AUTO_TORCH_GIVEN_ELEMENTS,
     )

@@ -378,18 +378,22 @@ def _auto(call: Call) -> Family:
 
 
 def _torch_bound(call: Call) -> int:
-    """``AUTO_TORCH_ELEMENTS``'s entry for a call the torch family took (its layout set);
-    ``AUTO_TORCH_COLUMN_ELEMENTS``'s for LayerNorm/RMSNorm over one moved axis (the column
-    kernel's calls, where torch's path pays a permuted copy); ``AUTO_TORCH_GIVEN_ELEMENTS``
-    for BatchNorm with given statistics."""
+    """The size from which "auto" prefers the Numba kernel to the torch family for a call
+    the torch family took (its layout set): ``AUTO_TORCH_GIVEN_ELEMENTS`` for BatchNorm with
+    given statistics; ``AUTO_TORCH_COLUMN_ELEMENTS`` for LayerNorm/RMSNorm over one moved
+    axis (the column kernel's calls, where torch's path pays a permuted copy);
+    ``AUTO_TORCH_ELEMENTS``, or ``AUTO_TORCH_TRAINING_ELEMENTS`` for a call that needs a
+    gradient, for LayerNorm/RMSNorm over trailing axes and GroupNorm/InstanceNorm."""
     if call.spec.stats == "given":
         return backends.AUTO_TORCH_GIVEN_ELEMENTS
-    if isinstance(call.layout, spec.Layout):  # GroupNorm/InstanceNorm
-        return backends.AUTO_TORCH_ELEMENTS[2]
-    bounds = (
-        backends.AUTO_TORCH_ELEMENTS if call.layout == -1 else backends.AUTO_TORCH_COLUMN_ELEMENTS
+    groups = isinstance(call.layout, spec.Layout)  # GroupNorm/InstanceNorm
+    if not groups and call.layout != -1:
+        return backends.AUTO_TORCH_COLUMN_ELEMENTS[0 if call.spec.center else 1]
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (call.x, call.weight, call.bias, call.residual)
     )
-    return bounds[0 if call.spec.center else 1]
+    bounds = backends.AUTO_TORCH_TRAINING_ELEMENTS if grad else backends.AUTO_TORCH_ELEMENTS
+    return bounds[2 if groups else 0 if call.spec.center else 1]
 
 
 def decide(call: Call) -> Family:
