@@ -264,10 +264,23 @@ def test_no_affine_is_weight_one_and_bias_zero_bit_for_bit(case, backend):
     x, dy = torch.randn(case.shape), torch.randn(case.shape)
     y, dx, _ = _run(plain, x, dy)
     y1, dx1, _ = _run(affine, x, dy)
-    assert torch.equal(y, y1)
-    assert torch.equal(dx, dx1)
+    if case.name.startswith(REGROUPED):
+        # Without parameters the groups are normalized as rows (the rows kernel, float32
+        # arithmetic from a pivot), with them by the groups kernel: equal to rounding.
+        torch.testing.assert_close(y, y1, **tol(y.dtype))
+        torch.testing.assert_close(dx, dx1, **grad_tol(dx.dtype))
+    else:
+        assert torch.equal(y, y1)
+        assert torch.equal(dx, dx1)
     for (name, b), c in zip(plain.named_buffers(), affine.buffers(), strict=True):
-        assert torch.equal(b, c), name
+        if case.name.startswith(REGROUPED) and b.is_floating_point():
+            torch.testing.assert_close(b, c, **tol(b.dtype), msg=name)
+        else:
+            assert torch.equal(b, c), name
+
+
+# Norms whose parameterless form runs another layout (rows) than their affine form (groups).
+REGROUPED = ("GroupNorm", "InstanceNorm")
 
 
 def _affine_state(module):
@@ -306,11 +319,15 @@ def test_functional_none_weight_and_bias_equal_ones_and_zeros():
             F.batch_norm(x, None, None, training=True),
             F.batch_norm(x, None, None, ones, zeros, training=True),
         ),
-        (F.group_norm(x, 3), F.group_norm(x, 3, ones, zeros)),
-        (F.instance_norm(x), F.instance_norm(x, weight=ones, bias=zeros)),
     ]
     for plain, affine in pairs:
         assert torch.equal(plain, affine)
+    regrouped = [  # rows without parameters, groups with them: equal to rounding
+        (F.group_norm(x, 3), F.group_norm(x, 3, ones, zeros)),
+        (F.instance_norm(x), F.instance_norm(x, weight=ones, bias=zeros)),
+    ]
+    for plain, affine in regrouped:
+        torch.testing.assert_close(plain, affine, **tol(x.dtype))
 
 
 # --- 8. row independence -------------------------------------------------------------------
