@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("quick", "full", "smoke"),
         default="quick",
         help="quick: a preview, about 4 minutes on 2 CPU cores, whose training claims may "
-        "answer 'inconclusive' (default); full: 5 seeds and longer training, about 45 "
+        "answer 'inconclusive' (default); full: 5 seeds and longer training, about 43 "
         "minutes (docs/lab holds its report); smoke: toy sizes",
     )
     report.add_argument(
