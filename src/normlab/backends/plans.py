@@ -24,7 +24,6 @@ import torch
 
 from normlab import backends
 
-HALF = (torch.float16, torch.bfloat16)
 MAX_PLANS = 1024  # distinct signatures kept; beyond that the memo starts over
 NO_PLAN = False  # remembered for signatures whose family has no runner: the full path
 

@@ -359,11 +359,15 @@ def _auto(call: Call) -> Family:
             )
         if not small and kernel.takes(call) is None:
             return kernel
-        if small and call.x.dtype in native.HALF and TORCH.takes(call) is not None:
-            # A small float16/bfloat16 call torch's ops may not take (a gradient): the
+        if (
+            small
+            and call.x.dtype in native.HALF
+            and TORCH.takes(call) is not None
+            and kernel.takes(call) is None
+        ):
+            # A small float16/bfloat16 call torch's ops do not take (a gradient): the
             # kernel's launch costs less than the composite's float32 round trips.
-            if kernel.takes(call) is None:
-                return kernel
+            return kernel
     elif exporting == "torchscript":
         # That exporter knows aten::layer_norm and batch_norm, not aten::rms_norm, and
         # exports the composite's autograd.Function wrongly: refuse rather than mis-export.

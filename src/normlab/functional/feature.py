@@ -14,6 +14,12 @@ from normlab.ops import add_normalize, normalize
 from normlab.spec import NormSpec
 
 
+def plan_key(fn, x, normalized_shape, weight, bias, eps, dim, offset=0.0):
+    """The plan key (``normlab.backends.plans``) of a LayerNorm/RMSNorm call: the functional
+    entry and the modules (which look their plan up first) build it here, the same way."""
+    return plans.key(fn, x, eps, (weight, bias), normalized_shape, dim, offset)
+
+
 def _feature_norm(
     fn, x, normalized_shape, weight, bias, eps, dim, center, residual=None, offset=0.0
 ):
@@ -22,7 +28,7 @@ def _feature_norm(
     if residual is None:
         # A signature seen before runs the runner its first call's decision left
         # (normlab.backends.plans); a new one takes the full path below and leaves one.
-        key = plans.key(fn, x, eps, (weight, bias), normalized_shape, dim, offset)
+        key = plan_key(fn, x, normalized_shape, weight, bias, eps, dim, offset)
         if key is not None:
             runner = plans.get(key)
             if runner:

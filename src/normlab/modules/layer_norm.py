@@ -12,6 +12,7 @@ from normlab import functional as F
 from normlab.axes import as_dims, as_shape
 from normlab.backends import plans
 from normlab.checks import check_common, check_real
+from normlab.functional.feature import plan_key
 from normlab.modules.affine import register_affine, reset_affine
 
 
@@ -106,9 +107,7 @@ class LayerNorm(_FeatureNorm):
         weight, bias, eps = self.weight, self.bias, self.eps
         if self.offset == 0:  # a signature seen before: its plan, without the functional frames
             runner = plans.get(
-                plans.key(
-                    "layer_norm", input, eps, (weight, bias), self.normalized_shape, self.dim, 0.0
-                )
+                plan_key("layer_norm", input, self.normalized_shape, weight, bias, eps, self.dim)
             )
             if runner:
                 return runner(input, weight, bias, eps)
@@ -161,7 +160,7 @@ class RMSNorm(_FeatureNorm):
         weight, eps = self.weight, self.eps
         if self.offset == 0 and type(eps) is float:  # as LayerNorm.forward
             runner = plans.get(
-                plans.key("rms_norm", x, eps, (weight, None), self.normalized_shape, self.dim, 0.0)
+                plan_key("rms_norm", x, self.normalized_shape, weight, None, eps, self.dim)
             )
             if runner:
                 return runner(x, weight, None, eps)

@@ -204,7 +204,7 @@ def row_norm_backward(dy, x, weight, mean, rstd, center, extra, dx, dweight, dbi
     # Per block, pw = partial[:n] and pb = partial[n + pad:], half a page apart (no 4K
     # aliasing between their loads and stores).
     pad = (256 - n % 512) % 512
-    partial = scratch(x, blocks, 2 * n + pad)  # float32 for half input
+    partial = scratch(x, blocks, 2 * n + pad)  # compute's dtype
     for blk in prange(blocks):
         pw = partial[blk, :n]
         pb = partial[blk, n + pad :]
