@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import socket
+import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -46,13 +47,13 @@ def batch_for(rank: int, step: int):
     return x, lengths, target
 
 
-def train(rank: int, world_size: int, port: int, steps: int) -> None:
+def train(rank: int, world_size: int, rendezvous: str, steps: int) -> None:
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=rendezvous,
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
+        timeout=datetime.timedelta(seconds=120),
     )
     torch.manual_seed(0)  # same initial weights on every rank
     model = nn.parallel.DistributedDataParallel(TokenClassifier())
@@ -83,18 +84,16 @@ def train(rank: int, world_size: int, port: int, steps: int) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    mp.spawn(train, args=(args.nproc, free_port(), args.steps), nprocs=args.nproc)
+    # The ranks meet at a file, not a TCP port: no free port to pick, so none that another
+    # program can take between the pick and the bind.
+    with tempfile.TemporaryDirectory(prefix="normlab-gloo-") as folder:
+        rendezvous = "file://" + os.path.join(folder, "rendezvous")
+        mp.spawn(train, args=(args.nproc, rendezvous, args.steps), nprocs=args.nproc)
 
 
 if __name__ == "__main__":

@@ -644,14 +644,14 @@ def _write(out_dir: str, rank: int, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def main(rank: int, world_size: int, rendezvous: str, out_dir: str) -> None:
     """Entry point of each spawned process (torch.multiprocessing passes ``rank`` first)."""
     torch.set_num_threads(1)
     results: dict = {"cases": {}, "fatal": None, "done": False}
     try:
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
+            init_method=rendezvous,
             rank=rank,
             world_size=world_size,
             timeout=TIMEOUT,

@@ -17,7 +17,6 @@ import copy
 import datetime
 import inspect
 import json
-import socket
 import time
 from dataclasses import dataclass
 
@@ -43,10 +42,10 @@ assert [c.name for c in worker.compare_cases(3)] == list(CASES)
 # Spawning the process groups
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(folder) -> str:
+    """Where the ranks meet: a file (torch's FileStore), so no TCP port that another program
+    could take between picking it and binding it."""
+    return f"file://{folder}/rendezvous"
 
 
 @dataclass
@@ -83,7 +82,7 @@ def spawn_group(world_size: int, out_dir) -> GroupRun:
     error = None
     context = mp.start_processes(
         worker.main,
-        args=(world_size, free_port(), str(out_dir)),
+        args=(world_size, rendezvous(out_dir), str(out_dir)),
         nprocs=world_size,
         join=False,
         start_method="spawn",
@@ -347,11 +346,11 @@ def test_without_torch_distributed_initialized_it_is_plain_batch_norm():
     _assert_plain_batch_norm()
 
 
-def test_world_size_one_process_group_is_plain_batch_norm():
+def test_world_size_one_process_group_is_plain_batch_norm(tmp_path):
     assert not dist.is_initialized()
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{free_port()}",
+        init_method=rendezvous(tmp_path),
         rank=0,
         world_size=1,
         timeout=datetime.timedelta(seconds=60),

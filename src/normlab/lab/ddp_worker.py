@@ -14,7 +14,6 @@ import inspect
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -123,7 +122,7 @@ def _steps(run: dict, batches, counts: Counter, n: int, timed: bool) -> None:
             run["collectives"].update(counts)
 
 
-def worker(rank: int, world_size: int, port: int, config: dict, out_dir: str) -> None:
+def worker(rank: int, world_size: int, rendezvous: str, config: dict, out_dir: str) -> None:
     """One rank: for each seed, every variant trains ``warmup`` untimed steps, then
     ``rounds`` rounds in which each variant (order rotated per round) trains
     ``steps_per_round`` timed steps. Writes rank<r>.json into ``out_dir``."""
@@ -132,7 +131,7 @@ def worker(rank: int, world_size: int, port: int, config: dict, out_dir: str) ->
     timeout = datetime.timedelta(seconds=config["timeout_s"])
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=rendezvous,
         rank=rank,
         world_size=world_size,
         timeout=timeout,
@@ -196,19 +195,15 @@ def worker(rank: int, world_size: int, port: int, config: dict, out_dir: str) ->
     os._exit(0)
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (bound to port 0 and released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(config: dict, world_size: int = 2, deadline_s: float = 120.0):
     """Start ``world_size`` spawned ranks; returns a ``collect()`` callable that waits for
     them (until ``deadline_s`` after the start, then terminates them and raises
     TimeoutError) and returns each rank's results. Starting first lets the caller do other
     work while the ranks import torch."""
     out_dir = tempfile.mkdtemp(prefix="normlab-ddp-")
+    # The ranks meet at a file (torch's FileStore), not at a TCP port picked free a moment
+    # before, which another program could take first.
+    rendezvous = "file://" + os.path.join(out_dir, "rendezvous")
     start, launched_at = time.monotonic(), time.time()
     # Spawned children inherit the environment: one thread each, no oversubscription.
     env_before = os.environ.get("OMP_NUM_THREADS")
@@ -216,7 +211,7 @@ def launch(config: dict, world_size: int = 2, deadline_s: float = 120.0):
     try:
         context = mp.start_processes(
             worker,
-            args=(world_size, free_port(), config, out_dir),
+            args=(world_size, rendezvous, config, out_dir),
             nprocs=world_size,
             join=False,
             start_method="spawn",
