@@ -117,11 +117,11 @@ def test_bad_arguments_after_a_planned_call_still_raise():
 
 
 def test_the_backend_and_the_thresholds_are_part_of_the_decision(monkeypatch):
-    x = torch.randn(16, 64)
+    x = torch.randn(16, 64, requires_grad=True)  # with a gradient: the training bounds
     with backends.use("auto"):
         F.layer_norm(x, (64,))
         assert backends.last_used() == "numba"  # conftest: the kernels from 0 elements
-        monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (1 << 20, 1 << 18, 1 << 20))
+        monkeypatch.setattr(backends, "AUTO_TORCH_TRAINING_ELEMENTS", (1 << 20, 1 << 18, 1 << 20))
         F.layer_norm(x, (64,))
         assert backends.last_used() == "torch"
     with backends.use("composite"):
@@ -129,22 +129,26 @@ def test_the_backend_and_the_thresholds_are_part_of_the_decision(monkeypatch):
         assert backends.last_used() == "composite"
 
 
-def test_a_half_precision_gradient_is_part_of_the_decision(monkeypatch):
-    """torch's half-precision LayerNorm is refused a gradient (normlab's tolerance): the
-    same shapes with and without one are two decisions (torch's op below
-    AUTO_TORCH_ELEMENTS without one, the Numba kernels with one)."""
-    monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (1 << 20, 1 << 18, 1 << 20))
-    x = torch.randn(4, 16, dtype=torch.bfloat16)
+def test_a_gradient_is_part_of_the_decision(monkeypatch):
+    """The same shapes with and without a gradient are two decisions: without one the
+    rows kernel at any size (by address), with one torch's op below
+    AUTO_TORCH_TRAINING_ELEMENTS; torch's half-precision LayerNorm is refused a gradient
+    (normlab's tolerance), so a bfloat16 one runs the kernel."""
+    monkeypatch.setattr(backends, "AUTO_TORCH_TRAINING_ELEMENTS", (1 << 20, 1 << 18, 1 << 20))
     with backends.use("auto"):
-        F.layer_norm(x, (16,))
-        assert backends.last_used() == "torch"
-        xg = x.clone().requires_grad_()
-        F.layer_norm(xg, (16,)).float().sum().backward()
-        assert backends.last_used() != "torch"
-        assert xg.grad is not None and xg.grad.dtype == torch.bfloat16
-        with torch.no_grad():
-            F.layer_norm(xg, (16,))
-        assert backends.last_used() == "torch"
+        for dtype, trained in ((torch.float32, "torch"), (torch.bfloat16, "numba")):
+            x = torch.randn(4, 16, dtype=dtype)
+            F.layer_norm(x, (16,))
+            assert backends.last_used() == "numba"
+            xg = x.clone().requires_grad_()
+            F.layer_norm(xg, (16,)).float().sum().backward()
+            assert backends.last_used() == trained
+            assert xg.grad is not None and xg.grad.dtype == dtype
+            F.layer_norm(xg, (16,)).float().sum().backward()  # planned
+            assert backends.last_used() == trained
+            with torch.no_grad():
+                F.layer_norm(xg, (16,))
+            assert backends.last_used() == "numba"
 
 
 def test_tracing_and_unhashable_arguments_take_the_full_path(decisions):
@@ -295,3 +299,63 @@ def test_planned_calls_on_non_contiguous_inputs(backend):
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     want = torch.nn.functional.group_norm(x.double(), 4).float()
     torch.testing.assert_close(first, want)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape, normalized",
+    [((1, 4096), (4096,)), ((3, 5, 6, 7), (6, 7)), ((24, 4096), (4096,)), ((5, 1), (1,))],
+)
+@pytest.mark.parametrize("backend", ["numba", "auto"])
+def test_inference_runs_the_rows_kernel_by_address_with_the_full_paths_bits(
+    dtype, shape, normalized, backend
+):
+    """A LayerNorm/RMSNorm call without gradient runs the rows kernel by address once
+    planned (``launchers.row_norm_inference``; serial below 64K elements, on the pool
+    above: (24, 4096) is 98K): the same bits as the full path's first call, for inputs at
+    an offset in their storage, strided and absent parameters, and parameters that change
+    between calls of one plan."""
+    if not backends.numba_available():
+        pytest.skip("numba is not installed")
+    torch.manual_seed(0)
+    storage = torch.randn(2 * torch.Size(shape).numel(), dtype=torch.float64) * 3 + 100
+    x = storage[1 : 1 + torch.Size(shape).numel()].view(shape).to(dtype)  # offset if float64
+    params = [
+        (torch.randn(normalized, dtype=dtype), torch.randn(normalized, dtype=dtype)),
+        (None, None),
+        (torch.randn(normalized, dtype=dtype), None),
+        # strided: every other element of a longer tensor
+        (
+            torch.randn(2 * torch.Size(normalized).numel(), dtype=dtype)[::2].view(normalized),
+            torch.randn(normalized, dtype=dtype),
+        ),
+    ]
+    with backends.use(backend), torch.inference_mode():
+        for weight, bias in params:
+            for name, args in (
+                ("layer_norm", (x, normalized, weight, bias)),
+                ("rms_norm", (x, normalized, weight, 1e-6)),
+            ):
+                fn = getattr(F, name)
+                first = _unplanned(fn, *args)
+                planned = [fn(*args) for _ in range(2)]
+                assert backends.last_used() == "numba"
+                for y in planned:
+                    assert y.dtype == dtype and y.shape == x.shape
+                    torch.testing.assert_close(y, first, rtol=0, atol=0)
+                # and the plan's runner with other parameters of the same signature
+                if weight is not None:
+                    other = torch.randn(normalized, dtype=dtype)
+                    swapped = (x, normalized, other, *args[3:])
+                    torch.testing.assert_close(
+                        fn(*swapped), _unplanned(fn, *swapped), rtol=0, atol=0
+                    )
+    want = torch.nn.functional.layer_norm(x.double(), normalized)
+    with backends.use(backend), torch.no_grad():
+        got = F.layer_norm(x, normalized)
+        got = F.layer_norm(x, normalized)  # planned
+    atol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 0.05 if dtype in _HALF else 0)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)

@@ -34,6 +34,7 @@ _plans: dict = {}
 _tracing_state = torch._C._get_tracing_state
 _is_compiling = torch.compiler.is_compiling
 _Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
 
 
 def key(fn: str, x, eps, tensors, *args):
@@ -47,32 +48,34 @@ def key(fn: str, x, eps, tensors, *args):
         or _is_compiling()
     ):
         return None
-    grad = x.requires_grad
-    parts = [fn, eps, *args]
-    for t in tensors:
-        if t is None:
-            parts.append(None)
-        elif type(t) in _TENSORS:
-            parts.append((t.shape, t.dtype, t.device))
-            grad = grad or t.requires_grad
-        else:
-            return None
     # whether the call needs a gradient: "auto"'s size bounds differ then, and the torch
     # family refuses float16/bfloat16 gradients
-    grad = grad and torch.is_grad_enabled()
-    parts += (
+    grad = _grad_enabled() and x.requires_grad
+    parts = [
+        fn,
+        eps,
+        *args,
         x.shape,
         x.dtype,
         x.device,
         x.is_contiguous(),
-        grad,
         backends.get_backend(),
         backends.AUTO_MIN_ELEMENTS,
         backends.AUTO_TORCH_ELEMENTS,
         backends.AUTO_TORCH_TRAINING_ELEMENTS,
         backends.AUTO_TORCH_COLUMN_ELEMENTS,
         backends.AUTO_TORCH_GIVEN_ELEMENTS,
-    )
+    ]
+    for t in tensors:
+        if t is None:
+            parts.append(None)
+        elif type(t) in _TENSORS:
+            parts.append((t.shape, t.dtype, t.device))
+            if not grad and t.requires_grad:
+                grad = _grad_enabled()
+        else:
+            return None
+    parts.append(grad)
     return tuple(parts)
 
 

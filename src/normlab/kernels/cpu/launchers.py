@@ -81,6 +81,66 @@ def row_norm(x, weight, bias, eps, center):
     return y, mean, rstd
 
 
+# The element type each dtype's kernels read (a scalar of it: ``pointers``' witness).
+WITNESS = {
+    torch.float32: np.float32(0),
+    torch.float64: np.float64(0),
+    torch.bfloat16: np.uint16(0),
+    torch.float16: np.int16(0),
+}
+
+
+# Below this many elements ``row_norm_inference`` runs on the calling thread: 2026-12-08, 2
+# cores, LayerNorm on rows of 4096 float32 by address: 4 and 8 rows 6.0/5.8 us serial
+# against 7.8/9.0 us on the pool, even at 16 rows (9.6/9.5), 32 rows 25/19 us.
+INFERENCE_SERIAL_BELOW = 1 << 16
+
+
+def row_norm_inference(shape, view, dtype, center):
+    """A runner ``(x, weight, bias, eps) -> y`` of ``row_norm``'s y for inputs of exactly
+    ``shape``, seen as ``view`` = (rows, N) (N: the normalized elements, last in memory),
+    of ``dtype``, C-contiguous, on the CPU, with weight and bias of N elements of that dtype
+    or None: what a plan's key guarantees
+    (``normlab.backends.plans``). A decode-size call costs little more than its work: no
+    NumPy views, no statistics, the serial kernel below ``INFERENCE_SERIAL_BELOW`` elements
+    (no thread pool to wake)."""
+    from normlab.kernels.cpu import runtime
+
+    rows_kernels = _kernels("rows")
+    rows, n = view
+    witness, half = WITNESS[dtype], dtype in HALF_BITS
+    storage = HALF_BITS.get(dtype, witness.dtype)
+    ones, zeros = torch.ones(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    elements = rows * n
+    if elements < INFERENCE_SERIAL_BELOW:
+        kernel, pool = rows_kernels.row_norm_inference_serial, False
+    else:
+        kernel, pool = rows_kernels.row_norm_inference, True
+
+    def run(x, weight, bias, eps):
+        weight = ones if weight is None else weight.contiguous()
+        bias = zeros if bias is None else bias.contiguous()
+        y = torch.from_numpy(np.empty(shape, storage))  # cheaper than torch.empty
+        if half:
+            y = y.view(dtype)
+        if pool:
+            runtime.sync_threads(elements)
+        kernel(
+            x.data_ptr(),
+            weight.data_ptr(),
+            bias.data_ptr(),
+            y.data_ptr(),
+            rows,
+            n,
+            eps,
+            center,
+            witness,
+        )
+        return y
+
+    return run
+
+
 def add_row_norm(x, residual, weight, bias, eps, center):
     """(y, s, mean, rstd) with s = x + residual and y the norm of s, in one pass."""
     n_rows, n = x.shape

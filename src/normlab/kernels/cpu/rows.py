@@ -33,7 +33,8 @@ from numba import prange
 
 from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds
 from normlab.kernels.cpu.half import compute, load, pivot, scratch, store
-from normlab.kernels.cpu.runtime import kernel, serial
+from normlab.kernels.cpu.pointers import rows_at, vector_at
+from normlab.kernels.cpu.runtime import kernel, serial, serial_kernel
 
 
 @serial
@@ -82,6 +83,15 @@ def _normalize_row(row, k, total, weight, bias, eps, center, out):
     return np.float64(k) + np.float64(mu), np.float64(rs)
 
 
+@serial
+def _row(x, weight, bias, eps, center, y, r):
+    """Normalizes row r of x into row r of y; returns its (mean, rstd) in float64."""
+    xr = x[r]
+    k = _shift(xr, center)
+    total = _sum(xr, k) if center else compute(xr, 0.0)
+    return _normalize_row(xr, k, total, weight, bias, eps, center, y[r])
+
+
 @kernel
 def row_norm_forward(x, weight, bias, eps, center, y, mean, rstd):
     """y = (x - mean) * rstd * weight + bias per row of x (R, N); writes y, mean, rstd (R,).
@@ -90,12 +100,30 @@ def row_norm_forward(x, weight, bias, eps, center, y, mean, rstd):
     rstd = 1 / sqrt(var + eps).
     """
     for r in prange(x.shape[0]):
-        xr = x[r]
-        k = _shift(xr, center)
-        total = _sum(xr, k) if center else compute(xr, 0.0)
-        mu, rs = _normalize_row(xr, k, total, weight, bias, eps, center, y[r])
-        mean[r] = mu
-        rstd[r] = rs
+        mean[r], rstd[r] = _row(x, weight, bias, eps, center, y, r)
+
+
+# Inference (no statistics kept) at the cost of the call alone: the tensors come as
+# addresses (``normlab.kernels.cpu.pointers``), the weight and bias as (N,) arrays of x's
+# element type (``witness``: a scalar of it), y is written in place.
+
+
+@serial_kernel
+def row_norm_inference_serial(x_at, weight_at, bias_at, y_at, rows, n, eps, center, witness):
+    """``row_norm_forward``'s y, on the calling thread, without mean and rstd."""
+    x, y = rows_at(x_at, rows, n, witness), rows_at(y_at, rows, n, witness)
+    weight, bias = vector_at(weight_at, n, witness), vector_at(bias_at, n, witness)
+    for r in range(rows):
+        _row(x, weight, bias, eps, center, y, r)
+
+
+@kernel
+def row_norm_inference(x_at, weight_at, bias_at, y_at, rows, n, eps, center, witness):
+    """``row_norm_forward``'s y, one parallel task per row, without mean and rstd."""
+    x, y = rows_at(x_at, rows, n, witness), rows_at(y_at, rows, n, witness)
+    weight, bias = vector_at(weight_at, n, witness), vector_at(bias_at, n, witness)
+    for r in prange(rows):
+        _row(x, weight, bias, eps, center, y, r)
 
 
 @kernel

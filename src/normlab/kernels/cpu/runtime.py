@@ -66,6 +66,12 @@ def serial(fn):
     return numba.njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")(fn)
 
 
+def serial_kernel(fn):
+    """A cached Numba kernel that runs on the calling thread (same flags, no parallel
+    region): for inputs too small to pay for waking the pool."""
+    return numba.njit(cache=True, fastmath=FASTMATH, nogil=True)(fn)
+
+
 # Below this many elements a kernel runs on one thread: waking the others costs more than
 # the work (and much more on a loaded machine, where a sleeping thread delays the barrier).
 PARALLEL_MIN_ELEMENTS = 1 << 15
