@@ -250,7 +250,7 @@ def _kernel_plan(family: str):
         if name == "row_norm" and family == "numba" and _pointer_launch(call):
             from normlab.kernels.cpu import launchers
 
-            launch = launchers.row_norm_inference(tuple(call.x.shape), view, call.x.dtype, center)
+            launch = launchers.row_norm_inference(view, call.x.dtype, center)
 
             def inference(x, weight, bias, eps):
                 backends.record(family)

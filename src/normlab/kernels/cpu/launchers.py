@@ -96,20 +96,19 @@ WITNESS = {
 INFERENCE_SERIAL_BELOW = 1 << 16
 
 
-def row_norm_inference(shape, view, dtype, center):
-    """A runner ``(x, weight, bias, eps) -> y`` of ``row_norm``'s y for inputs of exactly
-    ``shape``, seen as ``view`` = (rows, N) (N: the normalized elements, last in memory),
-    of ``dtype``, C-contiguous, on the CPU, with weight and bias of N elements of that dtype
-    or None: what a plan's key guarantees
-    (``normlab.backends.plans``). A decode-size call costs little more than its work: no
-    NumPy views, no statistics, the serial kernel below ``INFERENCE_SERIAL_BELOW`` elements
-    (no thread pool to wake)."""
+def row_norm_inference(view, dtype, center):
+    """A runner ``(x, weight, bias, eps) -> y`` of ``row_norm``'s y for inputs whose memory
+    is ``view`` = (rows, N) (N: the normalized elements, last), of ``dtype``, C-contiguous,
+    on the CPU, with weight and bias of N elements of that dtype or None: what a plan's key
+    guarantees (``normlab.backends.plans``). A decode-size call costs little more than its
+    work: no NumPy views, no statistics, the serial kernel below ``INFERENCE_SERIAL_BELOW``
+    elements (no thread pool to wake); the output is ``torch.empty_like(x)``, as torch's
+    ops give."""
     from normlab.kernels.cpu import runtime
 
     rows_kernels = _kernels("rows")
     rows, n = view
-    witness, half = WITNESS[dtype], dtype in HALF_BITS
-    storage = HALF_BITS.get(dtype, witness.dtype)
+    witness = WITNESS[dtype]
     ones, zeros = torch.ones(n, dtype=dtype), torch.zeros(n, dtype=dtype)
     elements = rows * n
     if elements < INFERENCE_SERIAL_BELOW:
@@ -120,9 +119,7 @@ def row_norm_inference(shape, view, dtype, center):
     def run(x, weight, bias, eps):
         weight = ones if weight is None else weight.contiguous()
         bias = zeros if bias is None else bias.contiguous()
-        y = torch.from_numpy(np.empty(shape, storage))  # cheaper than torch.empty
-        if half:
-            y = y.view(dtype)
+        y = torch.empty_like(x)
         if pool:
             runtime.sync_threads(elements)
         kernel(
