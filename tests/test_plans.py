@@ -160,8 +160,10 @@ def test_tracing_and_unhashable_arguments_take_the_full_path(decisions):
     traced = torch.jit.trace(m, x, check_trace=False)
     assert len(decisions) == 2  # tracing decides anew (the exporters read the decision)
     torch.testing.assert_close(traced(x), m(x))
-    F.layer_norm(x, [8])  # a list: no key, every call decided
+    F.layer_norm(x, [8])  # a list (as tuple in the key): planned like the tuple
+    F.layer_norm(x, [8], dim=[-1])
     F.layer_norm(x, [8])
+    F.layer_norm(x, [8], dim=[-1])
     assert len(decisions) == 4
     F.layer_norm(x, (8,), eps=torch.tensor(1e-5))  # a tensor eps: no key
     F.layer_norm(x, (8,), eps=torch.tensor(1e-5))

@@ -16,7 +16,12 @@ from normlab.spec import NormSpec
 
 def plan_key(fn, x, normalized_shape, weight, bias, eps, dim, offset=0.0):
     """The plan key (``normlab.backends.plans``) of a LayerNorm/RMSNorm call: the functional
-    entry and the modules (which look their plan up first) build it here, the same way."""
+    entry and the modules (which look their plan up first) build it here, the same way.
+    A list ``normalized_shape`` or ``dim`` enters as the tuple it means (hashable)."""
+    if type(normalized_shape) is list:
+        normalized_shape = tuple(normalized_shape)
+    if type(dim) is list:
+        dim = tuple(dim)
     return plans.key(fn, x, eps, (weight, bias), normalized_shape, dim, offset)
 
 
