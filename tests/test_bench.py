@@ -103,9 +103,17 @@ def test_in_process_toy_grid_records_every_contender_and_consistent_ratios(
     labels = [case["label"] for case in mode["cases"]]
     assert labels == [case.label for case in cases.select("toy", only)]
     steps = [e for e in events if e["event"] == "step"]
-    assert len(steps) == 2 * len(labels)
+    # inference cases (decode rows): the forward only, in inference_mode
+    inference = [case["label"] for case in mode["cases"] if case["inference"]]
+    assert inference == ["layer_norm 1x32 inference", "layer_norm 8x32 inference"]
+    assert len(steps) == 2 * len(labels) - len(inference)
     for case in mode["cases"]:
         _check_case(case, settings.repetitions)
+        directions = ["forward"] if case["inference"] else ["forward", "backward"]
+        assert list(case["directions"]) == directions
+        if case["inference"]:  # no contender's first call ran a backward
+            for record in case["contenders"].values():
+                assert record.get("first_backward_s") is None
         compiled = [r for r in case["contenders"].values() if r["role"] == "compile"]
         assert compiled and all(r["status"] == "failed" for r in compiled)
         assert all("torch.compile failed, skipped" in r["note"] for r in compiled)

@@ -22,6 +22,8 @@ OPS = (
 )
 """Op names, as in ``normlab.functional`` (``--only`` takes these)."""
 
+FEATURE_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+
 PADDING = 0.3
 """Fraction of padded positions in the masked BatchNorm cases (on average over the batch)."""
 
@@ -32,7 +34,10 @@ class Case:
 
     ``shape`` is the input's shape: (rows, features) for the feature norms, (N, C, L) or
     (B, L, C) for BatchNorm (``channel_dim`` 1 or -1), (N, C, H, W) for GroupNorm and
-    InstanceNorm. ``training`` selects BatchNorm's batch statistics (else running ones);
+    InstanceNorm. ``training`` selects BatchNorm's batch statistics (else running ones, with
+    a gradient still); for a feature norm, ``training=False`` is inference: no input needs a
+    gradient, every contender runs under ``torch.inference_mode``, forward only (a decode
+    step);
     ``padding`` is the fraction of padded positions (BatchNorm via ``lengths=``; 0: no mask).
     ``dtype``: the inputs' and parameters' dtype (a ``torch`` attribute name). ``layout``
     (feature norms): "contiguous"; "strided", x a (rows, features) view of every other
@@ -63,6 +68,11 @@ class Case:
         return self.padding > 0
 
     @property
+    def inference(self) -> bool:
+        """A feature norm's inference case: forward only, under ``torch.inference_mode``."""
+        return not self.training and self.op in FEATURE_OPS
+
+    @property
     def variant(self) -> str:
         """What distinguishes this case from others of the same op and shape."""
         if self.op == "batch_norm":
@@ -73,7 +83,8 @@ class Case:
         if self.op == "group_norm":
             return f"{self.groups} groups"
         words = [] if self.layout == "contiguous" else [self.layout.replace("_", "-")]
-        return " ".join(words + ([] if self.dtype == "float32" else [self.dtype]))
+        words += [] if self.dtype == "float32" else [self.dtype]
+        return " ".join(words + (["inference"] if self.inference else []))
 
     @property
     def label(self) -> str:
@@ -101,15 +112,20 @@ def _gpu_feature_cases(rows: int, features: list[int]) -> list[Case]:
 
 def _path_cases(decode: int, half: tuple[int, int], image, strided, small_image) -> list[Case]:
     """The calls a converted model makes besides big contiguous float32 rows: decode-size
-    inputs (1 and 8 rows), bfloat16 and float16 on the CPU, channels-first LayerNorm, a
-    strided view, and one image's BatchNorm in eval, GroupNorm and InstanceNorm (a CNN or a
-    diffusion UNet at batch 1)."""
+    inputs (1 and 8 rows; in inference, and with a gradient), bfloat16 and float16 on the
+    CPU, channels-first LayerNorm, a strided view, and one image's BatchNorm in eval,
+    GroupNorm and InstanceNorm (a CNN or a diffusion UNet at batch 1)."""
     c = small_image[1]
     return [
         Case("batch_norm", small_image, channel_dim=1, training=False),
         Case("group_norm", small_image, groups=min(32, c)),
         Case("instance_norm", small_image),
-        *(Case(op, (rows, decode)) for op in ("layer_norm", "rms_norm") for rows in (1, 8)),
+        *(
+            Case(op, (rows, decode), training=training)
+            for op in ("layer_norm", "rms_norm")
+            for training in (False, True)
+            for rows in (1, 8)
+        ),
         *(
             Case(op, half, dtype=dtype)
             for op in ("layer_norm", "rms_norm")
@@ -142,6 +158,7 @@ GRIDS: dict[str, list[Case]] = {
     "quick": [
         *_feature_cases([(8192, 1024)]),
         Case("layer_norm", (1, 4096)),
+        Case("layer_norm", (1, 4096), training=False),
         Case("layer_norm", (8192, 1024), dtype="bfloat16"),
         Case("layer_norm", (16, 96, 56, 56), layout="channels_first"),
         Case("layer_norm", (2048, 1024), layout="strided"),

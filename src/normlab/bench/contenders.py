@@ -73,11 +73,11 @@ def _randn(shape, generator: torch.Generator, dtype: torch.dtype = torch.float32
 
 
 def _affine(
-    n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
+    n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32, grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weight = 1.0 + 0.1 * _randn(n, generator, dtype)
     bias = 0.1 * _randn(n, generator, dtype)
-    return weight.requires_grad_(), bias.requires_grad_()
+    return weight.requires_grad_(grad), bias.requires_grad_(grad)
 
 
 def _fixed(*tensors):
@@ -177,25 +177,26 @@ def normlab_instance_norm(x, weight, bias):
 
 
 def _feature_input(case: Case, g: torch.Generator) -> torch.Tensor:
-    """x in the case's layout, a leaf that requires grad: contiguous, or a strided view
-    (every other block of ``features`` columns of a twice-as-wide tensor)."""
+    """x in the case's layout, a leaf that requires grad (but for inference): contiguous,
+    or a strided view (every other block of ``features`` columns of a twice-as-wide
+    tensor)."""
     dtype = case.torch_dtype
     if case.layout == "strided":
         rows, features = case.shape
         x = _randn((rows, 2 * features), g, dtype)[:, :features]
     else:
         x = _randn(case.shape, g, dtype)
-    return x.detach().requires_grad_()
+    return x.detach().requires_grad_(not case.inference)
 
 
 def _feature_workload(case: Case, g: torch.Generator) -> Workload:
     dtype = case.torch_dtype
     x = _feature_input(case, g)
     features = case.shape[1] if case.layout == "channels_first" else case.shape[-1]
-    weight, bias = _affine(features, g, dtype)
+    weight, bias = _affine(features, g, dtype, grad=not case.inference)
     dy = _randn(case.shape, g, dtype)
     if case.op in ("add_layer_norm", "add_rms_norm"):
-        residual = _randn(case.shape, g, dtype).requires_grad_()
+        residual = _randn(case.shape, g, dtype).requires_grad_(not case.inference)
         dsum = _randn(case.shape, g, dtype)
         if case.op == "add_layer_norm":
             args, eager, ours = (

@@ -68,10 +68,14 @@ def _first_call(contender: Contender, workload: Workload):
     with contender.context():
         forward_s, outputs = gpu.timed_once(contender.call, device)
         backend = backends.last_used()
-        backward_s, _ = gpu.timed_once(
-            lambda: torch.autograd.grad(outputs, workload.differentiable, workload.output_grads),
-            device,
-        )
+        backward_s = None
+        if not workload.case.inference:
+            backward_s, _ = gpu.timed_once(
+                lambda: torch.autograd.grad(
+                    outputs, workload.differentiable, workload.output_grads
+                ),
+                device,
+            )
     return outputs, backend, forward_s, backward_s
 
 
@@ -156,20 +160,36 @@ def _check_agreement(contenders: list[Contender]) -> None:
 def prepare(workload: Workload, settings: Settings) -> list[Contender]:
     """Every contender of ``workload``, first-called (normlab in ``NORMLAB_BACKENDS``
     order, the baselines, then their torch.compile versions unless disabled)."""
-    contenders = [
-        _normlab_contender(workload, backend) for backend in normlab_backends(settings.device)
-    ]
-    for name, implementation in workload.baselines.items():
-        contenders.append(_baseline_contender(name, implementation, workload))
-    for name, implementation in workload.baselines.items():
-        if settings.compile:
-            contenders.append(_compiled_contender(name, implementation, workload))
-        else:
-            compiled_name = TORCH_COMPILE if name == "torch eager" else f"{TORCH_COMPILE} {name}"
-            record = {"role": "compile", "status": "skipped", "note": "--no-compile"}
-            contenders.append(Contender(compiled_name, "compile", record=record))
+    inference = workload.case.inference
+    with torch.inference_mode() if inference else contextlib.nullcontext():
+        contenders = [
+            _normlab_contender(workload, backend) for backend in normlab_backends(settings.device)
+        ]
+        for name, implementation in workload.baselines.items():
+            contenders.append(_baseline_contender(name, implementation, workload))
+        for name, implementation in workload.baselines.items():
+            if settings.compile:
+                contenders.append(_compiled_contender(name, implementation, workload))
+            else:
+                compiled = TORCH_COMPILE if name == "torch eager" else f"{TORCH_COMPILE} {name}"
+                record = {"role": "compile", "status": "skipped", "note": "--no-compile"}
+                contenders.append(Contender(compiled, "compile", record=record))
     _check_agreement(contenders)
+    if inference:
+        for contender in contenders:
+            contender.context = _in_inference_mode(contender.context)
     return contenders
+
+
+def _in_inference_mode(context):
+    """``context`` entered inside ``torch.inference_mode`` (an inference case's timing)."""
+
+    @contextlib.contextmanager
+    def both():
+        with torch.inference_mode(), context():
+            yield
+
+    return both
 
 
 def _runners(contenders, workload: Workload, case: Case, direction: str, device: str):
@@ -226,6 +246,7 @@ def measure_case(case: Case, settings: Settings, seed: int, emit: Emit) -> dict:
         "layout": case.layout,
         "channel_dim": case.channel_dim,
         "training": case.training,
+        "inference": case.inference,  # forward only, under torch.inference_mode
         "padding": case.padding,
         "contenders": {c.name: c.record for c in contenders},
         "copies": {
@@ -234,7 +255,7 @@ def measure_case(case: Case, settings: Settings, seed: int, emit: Emit) -> dict:
         },
         "directions": {},
     }
-    for direction in traffic.DIRECTIONS:
+    for direction in ("forward",) if case.inference else traffic.DIRECTIONS:
         emit({"event": "phase", "label": case.label, "phase": direction})
         result["directions"][direction] = measure_direction(
             contenders, workload, case, direction, settings, seed
