@@ -361,3 +361,35 @@ def test_inference_runs_the_rows_kernel_by_address_with_the_full_paths_bits(
         got = F.layer_norm(x, normalized)  # planned
     atol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 0.05 if dtype in _HALF else 0)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 96, 16, 16), (2, 5, 3), (4, 96, 32, 32)])
+@pytest.mark.parametrize("backend", ["numba", "auto"])
+def test_channels_first_inference_runs_the_column_kernel_by_address(dtype, shape, backend):
+    """LayerNorm/RMSNorm over axis 1 (ConvNeXt's channels-first LayerNorm) without gradient
+    runs the column kernel by address once planned (serial, and on the pool for (4, 96, 32,
+    32)): the full path's bits, and the float64 reference's values within tolerance."""
+    if not backends.numba_available():
+        pytest.skip("numba is not installed")
+    torch.manual_seed(0)
+    c = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 100).to(dtype)
+    weight, bias = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    with backends.use(backend), torch.no_grad():
+        for name, args in (
+            ("layer_norm", (x, (c,), weight, bias)),
+            ("layer_norm", (x, (c,))),
+            ("rms_norm", (x, (c,), weight, 1e-6)),
+        ):
+            fn = getattr(F, name)
+            first = _unplanned(fn, *args, dim=1)
+            for _ in range(2):
+                y = fn(*args, dim=1)
+                assert backends.last_used() == "numba"
+                torch.testing.assert_close(y, first, rtol=0, atol=0)
+        got = F.layer_norm(x, (c,), weight, bias, dim=1)
+    moved = x.double().movedim(1, -1)
+    want = torch.nn.functional.layer_norm(moved, (c,), weight.double(), bias.double())
+    atol = 2e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got.double(), want.movedim(-1, 1), rtol=0, atol=atol)

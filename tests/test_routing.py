@@ -90,8 +90,8 @@ def routing_table(device: str = "cpu") -> dict[str, str]:
 
 # The CPU routing under "auto" (C: composite, N: numba, T: torch's own ops), per call, for
 # f32 f64 bf16 at the small size, then at the large size, then at the huge size. LayerNorm/
-# RMSNorm over trailing axes without a gradient take the rows kernel at every size (its
-# plan launches it by address, faster than torch's op from one row on); GroupNorm/
+# RMSNorm without a gradient take the rows (columns) kernel at every size (its plan
+# launches it by address, faster than torch's op from one row on); GroupNorm/
 # InstanceNorm and the fused add stay with torch's op up to AUTO_TORCH_ELEMENTS, where the
 # Numba kernels win. The Numba kernels take bf16 in the rows layout only (LayerNorm/RMSNorm/
 # fused add over trailing axes).
@@ -102,8 +102,9 @@ CPU_ROUTES = {
     # faster than the composite at any size; float32/float64 stay with torch's op up to
     # AUTO_TORCH_TRAINING_ELEMENTS (4M for LayerNorm)
     "layer_norm-training": "T T N T T N T T N",
-    # channels-first LayerNorm: the column kernel from AUTO_TORCH_COLUMN_ELEMENTS on (not bf16)
-    "layer_norm-dim1": "T T T N N T N N T",
+    # channels-first LayerNorm without gradient: the column kernel by address at every size
+    # (not bf16); with one, from AUTO_TORCH_COLUMN_ELEMENTS on
+    "layer_norm-dim1": "N N T N N T N N T",
     "layer_norm-non-contiguous": "T T T T T T T T T",
     "rms_norm": "N N N N N N N N N",
     "add_layer_norm": "T T T T T T N N N",

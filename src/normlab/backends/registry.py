@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from normlab import backends, spec
-from normlab.backends import native, plans
+from normlab.backends import _last, native, plans
 from normlab.kernels import composite
 from normlab.kernels.gpu import interpreting
 from normlab.ops import composite_op, kernel_ops
@@ -247,13 +247,13 @@ def _kernel_plan(family: str):
         else:
             return None
         view = layout.view
-        if name == "row_norm" and family == "numba" and _pointer_launch(call):
+        if family == "numba" and name in ("row_norm", "column_norm") and _pointer_launch(call):
             from normlab.kernels.cpu import launchers
 
-            launch = launchers.row_norm_inference(view, call.x.dtype, center)
+            launch = launchers.norm_inference(layout.kind, view, call.x.dtype, center)
 
             def inference(x, weight, bias, eps):
-                backends.record(family)
+                _last["backend"] = "numba"
                 return launch(x, weight, bias, eps)
 
             return inference
@@ -278,15 +278,19 @@ def _kernel_plan(family: str):
 
 
 def _pointer_launch(call: Call) -> bool:
-    """Whether the calls of ``call``'s plan key can run the rows kernel by address
-    (``launchers.row_norm_inference``): no gradient, a C-contiguous non-empty input of a
-    kernel dtype, and parameters of its dtype (the key fixes all of these)."""
+    """Whether the calls of ``call``'s plan key can run the rows or columns kernel by address
+    (``launchers.norm_inference``): no gradient, a C-contiguous non-empty input of a kernel
+    dtype (float16/bfloat16 over trailing axes only), and parameters of its dtype (the key
+    fixes all of these)."""
     x = call.x
+    dtypes = (torch.float32, torch.float64)
+    if call.layout == -1 or getattr(call.layout, "kind", None) == "rows":
+        dtypes += (torch.bfloat16, torch.float16)
     return (
         not _needs_grad(call)
         and x.is_contiguous()
         and x.numel() > 0
-        and x.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        and x.dtype in dtypes
         and all(t is None or t.dtype == x.dtype for t in (call.weight, call.bias))
     )
 
@@ -382,7 +386,7 @@ def _auto(call: Call) -> Family:
         kernel = TRITON if call.x.device.type == "cuda" else NUMBA
         small = False
         if kernel is NUMBA:
-            if _inference_rows(call) and kernel.takes(call) is None:
+            if _by_address(call) and kernel.takes(call) is None:
                 return kernel
             n = call.x.numel()
             small = n < backends.AUTO_MIN_ELEMENTS or (
@@ -414,16 +418,17 @@ def _auto(call: Call) -> Family:
     return TORCH if TORCH.takes(call) is None else COMPOSITE
 
 
-def _inference_rows(call: Call) -> bool:
-    """LayerNorm/RMSNorm over trailing axes (the rows torch's ops take) that the Numba rows
+def _by_address(call: Call) -> bool:
+    """LayerNorm/RMSNorm over the trailing axes or over one other axis (the calls torch's
+    ops take; ``call.layout`` the axis), without a fused add, that the Numba rows or columns
     kernel runs by address once planned (``_pointer_launch``): faster than the torch family
-    at every size measured (2026-12-08, 2 cores, inference, 4 to 512K elements, float32 and
-    bfloat16: 1.4-4x; docs/benchmarks.md), so "auto" takes the kernel for them."""
+    at every size measured (2026-12-08, 2 cores, inference; rows: 4 to 512K elements,
+    float32 and bfloat16, 1.4-4x; docs/benchmarks.md), so "auto" takes the kernel for them."""
     return (
         call.residual is None
         and not call.stats
         and TORCH.takes(call) is None
-        and call.layout == -1
+        and type(call.layout) is int
         and _pointer_launch(call)
     )
 

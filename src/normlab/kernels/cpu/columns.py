@@ -25,7 +25,8 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels.cpu.common import div, rsqrt, serial_chunk_bounds
-from normlab.kernels.cpu.runtime import kernel, serial
+from normlab.kernels.cpu.pointers import array_at
+from normlab.kernels.cpu.runtime import kernel, serial, serial_kernel
 
 # The C rows of one block of positions of one input array fit in about this many bytes: the
 # block's second and third passes read it from L2.
@@ -72,6 +73,39 @@ def _add_chunks(partial, out):
         out[j] = acc[j]
 
 
+@serial
+def _normalize_block(xa, ya, weight, bias, eps, center, m, r, b0, b1):
+    """Normalizes the columns b0:b1 of one (C, B) slab ``xa`` into ``ya``; writes their mean
+    and rstd (float64) into ``m`` and ``r`` (b1 - b0 elements each)."""
+    C = xa.shape[0]
+    inv = div(1.0, C)
+    n = b1 - b0
+    for j in range(n):
+        m[j] = 0.0
+        r[j] = 0.0
+    if center:
+        for c in range(C):
+            xc = xa[c, b0:b1]
+            for j in range(n):
+                m[j] += xc[j]
+        for j in range(n):
+            m[j] *= inv
+    for c in range(C):
+        xc = xa[c, b0:b1]
+        for j in range(n):
+            d = xc[j] - m[j]
+            r[j] += d * d
+    for j in range(n):
+        r[j] = rsqrt(r[j] * inv + eps)
+    for c in range(C):
+        xc = xa[c, b0:b1]
+        yc = ya[c, b0:b1]
+        wc = np.float64(weight[c])
+        bc = np.float64(bias[c])
+        for j in range(n):
+            yc[j] = (xc[j] - m[j]) * r[j] * wc + bc
+
+
 @kernel
 def column_norm_forward(x, weight, bias, eps, center, y, mean, rstd):
     """y = (x - mean) * rstd * weight[c] + bias[c] per column (a, b) of x (A, C, B); writes
@@ -80,39 +114,48 @@ def column_norm_forward(x, weight, bias, eps, center, y, mean, rstd):
     _check(x, min(weight.shape[0], bias.shape[0]), mean, rstd)
     bl = _block_len(C, B, x.itemsize)
     nb = -(-B // bl) if B > 0 else 0
-    inv = div(1.0, C)
     for t in prange(A * nb):
         a = t // nb
         b0 = (t - a * nb) * bl
         b1 = min(B, b0 + bl)
-        xa, ya = x[a], y[a]
-        m = mean[a, b0:b1]
-        r = rstd[a, b0:b1]
-        n = b1 - b0
-        for j in range(n):
-            m[j] = 0.0
-            r[j] = 0.0
-        if center:
-            for c in range(C):
-                xc = xa[c, b0:b1]
-                for j in range(n):
-                    m[j] += xc[j]
-            for j in range(n):
-                m[j] *= inv
-        for c in range(C):
-            xc = xa[c, b0:b1]
-            for j in range(n):
-                d = xc[j] - m[j]
-                r[j] += d * d
-        for j in range(n):
-            r[j] = rsqrt(r[j] * inv + eps)
-        for c in range(C):
-            xc = xa[c, b0:b1]
-            yc = ya[c, b0:b1]
-            wc = np.float64(weight[c])
-            bc = np.float64(bias[c])
-            for j in range(n):
-                yc[j] = (xc[j] - m[j]) * r[j] * wc + bc
+        _normalize_block(
+            x[a], y[a], weight, bias, eps, center, mean[a, b0:b1], rstd[a, b0:b1], b0, b1
+        )
+
+
+# Inference (no statistics kept) at the cost of the call alone: the tensors come as
+# addresses (``normlab.kernels.cpu.pointers``; x and y (A, C, B), weight and bias (C,) of
+# x's element type, ``witness`` a scalar of it), y is written in place.
+
+
+@serial_kernel
+def column_norm_inference_serial(x_at, weight_at, bias_at, y_at, A, C, B, eps, center, witness):
+    """``column_norm_forward``'s y, on the calling thread, without mean and rstd."""
+    x, y = array_at(x_at, (A, C, B), witness), array_at(y_at, (A, C, B), witness)
+    weight, bias = array_at(weight_at, (C,), witness), array_at(bias_at, (C,), witness)
+    bl = _block_len(C, B, x.itemsize)
+    nb = -(-B // bl) if B > 0 else 0
+    m, r = np.empty(bl), np.empty(bl)
+    for t in range(A * nb):
+        a = t // nb
+        b0 = (t - a * nb) * bl
+        b1 = min(B, b0 + bl)
+        _normalize_block(x[a], y[a], weight, bias, eps, center, m, r, b0, b1)
+
+
+@kernel
+def column_norm_inference(x_at, weight_at, bias_at, y_at, A, C, B, eps, center, witness):
+    """``column_norm_forward``'s y, one parallel task per block, without mean and rstd."""
+    x, y = array_at(x_at, (A, C, B), witness), array_at(y_at, (A, C, B), witness)
+    weight, bias = array_at(weight_at, (C,), witness), array_at(bias_at, (C,), witness)
+    bl = _block_len(C, B, x.itemsize)
+    nb = -(-B // bl) if B > 0 else 0
+    for t in prange(A * nb):
+        a = t // nb
+        b0 = (t - a * nb) * bl
+        b1 = min(B, b0 + bl)
+        m, r = np.empty(b1 - b0), np.empty(b1 - b0)
+        _normalize_block(x[a], y[a], weight, bias, eps, center, m, r, b0, b1)
 
 
 @kernel

@@ -90,31 +90,33 @@ WITNESS = {
 }
 
 
-# Below this many elements ``row_norm_inference`` runs on the calling thread: 2026-12-08, 2
+# Below this many elements ``norm_inference`` runs on the calling thread: 2026-12-08, 2
 # cores, LayerNorm on rows of 4096 float32 by address: 4 and 8 rows 6.0/5.8 us serial
 # against 7.8/9.0 us on the pool, even at 16 rows (9.6/9.5), 32 rows 25/19 us.
 INFERENCE_SERIAL_BELOW = 1 << 16
 
 
-def row_norm_inference(view, dtype, center):
-    """A runner ``(x, weight, bias, eps) -> y`` of ``row_norm``'s y for inputs whose memory
-    is ``view`` = (rows, N) (N: the normalized elements, last), of ``dtype``, C-contiguous,
-    on the CPU, with weight and bias of N elements of that dtype or None: what a plan's key
-    guarantees (``normlab.backends.plans``). A decode-size call costs little more than its
-    work: no NumPy views, no statistics, the serial kernel below ``INFERENCE_SERIAL_BELOW``
+def norm_inference(kind, view, dtype, center):
+    """A runner ``(x, weight, bias, eps) -> y`` of LayerNorm (``center``) or RMSNorm without
+    statistics, for inputs whose memory is ``view``: (rows, N) normalized along N
+    (``kind`` "rows", any kernel dtype) or (A, C, B) normalized along C ("columns",
+    float32/float64); C-contiguous, of ``dtype``, on the CPU, with weight and bias of
+    view[1] elements of that dtype or None: what a plan's key guarantees
+    (``normlab.backends.plans``). A decode-size call costs little more than its work: the
+    tensors go to the kernel as addresses (``pointers``), through its compiled entry point,
+    no statistics are written, the serial kernel runs below ``INFERENCE_SERIAL_BELOW``
     elements (no thread pool to wake); the output is ``torch.empty_like(x)``, as torch's
     ops give."""
-    from normlab.kernels.cpu import runtime
+    from normlab.kernels.cpu import pointers, runtime
 
-    rows_kernels = _kernels("rows")
-    rows, n = view
-    witness = WITNESS[dtype]
+    elements = int(np.prod(view, dtype=np.int64))
+    pool = elements >= INFERENCE_SERIAL_BELOW
+    name = ("row" if kind == "rows" else "column") + "_norm_inference"
+    witness, center = WITNESS[dtype], bool(center)
+    kernel = getattr(_kernels(kind), name if pool else name + "_serial")
+    kernel = pointers.direct(kernel, 0, 0, 0, 0, *view, 0.0, center, witness)
+    n = view[1]
     ones, zeros = torch.ones(n, dtype=dtype), torch.zeros(n, dtype=dtype)
-    elements = rows * n
-    if elements < INFERENCE_SERIAL_BELOW:
-        kernel, pool = rows_kernels.row_norm_inference_serial, False
-    else:
-        kernel, pool = rows_kernels.row_norm_inference, True
 
     def run(x, weight, bias, eps):
         weight = ones if weight is None else weight.contiguous()
@@ -122,17 +124,8 @@ def row_norm_inference(view, dtype, center):
         y = torch.empty_like(x)
         if pool:
             runtime.sync_threads(elements)
-        kernel(
-            x.data_ptr(),
-            weight.data_ptr(),
-            bias.data_ptr(),
-            y.data_ptr(),
-            rows,
-            n,
-            eps,
-            center,
-            witness,
-        )
+        x_at, y_at = x.data_ptr(), y.data_ptr()
+        kernel(x_at, weight.data_ptr(), bias.data_ptr(), y_at, *view, eps, center, witness)
         return y
 
     return run

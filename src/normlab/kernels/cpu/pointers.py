@@ -33,12 +33,16 @@ def _pointer(typingctx, address, witness):
 
 
 @serial
-def rows_at(address, rows, n, witness):
-    """The (rows, n) C-contiguous array of ``witness``'s dtype at ``address``."""
-    return carray(_pointer(address, witness), (rows, n))
+def array_at(address, shape, witness):
+    """The C-contiguous array of ``shape`` (a tuple) and ``witness``'s dtype at ``address``."""
+    return carray(_pointer(address, witness), shape)
 
 
-@serial
-def vector_at(address, n, witness):
-    """The (n,) array of ``witness``'s dtype at ``address``."""
-    return carray(_pointer(address, witness), (n,))
+def direct(kernel, *example):
+    """``kernel``'s compiled entry point for arguments of the types of ``example`` (compiled,
+    or loaded from Numba's cache, now): a call skips the dispatcher's type resolution
+    (about 0.4 us of a 2 us decode-size launch). Arguments of other types are not checked:
+    call it with exactly these types (Python int, float, bool and the same NumPy scalar)."""
+    from numba import typeof
+
+    return kernel.compile(tuple(typeof(value) for value in example))

@@ -33,7 +33,7 @@ from numba import prange
 
 from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds
 from normlab.kernels.cpu.half import compute, load, pivot, scratch, store
-from normlab.kernels.cpu.pointers import rows_at, vector_at
+from normlab.kernels.cpu.pointers import array_at
 from normlab.kernels.cpu.runtime import kernel, serial, serial_kernel
 
 
@@ -111,8 +111,8 @@ def row_norm_forward(x, weight, bias, eps, center, y, mean, rstd):
 @serial_kernel
 def row_norm_inference_serial(x_at, weight_at, bias_at, y_at, rows, n, eps, center, witness):
     """``row_norm_forward``'s y, on the calling thread, without mean and rstd."""
-    x, y = rows_at(x_at, rows, n, witness), rows_at(y_at, rows, n, witness)
-    weight, bias = vector_at(weight_at, n, witness), vector_at(bias_at, n, witness)
+    x, y = array_at(x_at, (rows, n), witness), array_at(y_at, (rows, n), witness)
+    weight, bias = array_at(weight_at, (n,), witness), array_at(bias_at, (n,), witness)
     for r in range(rows):
         _row(x, weight, bias, eps, center, y, r)
 
@@ -120,8 +120,8 @@ def row_norm_inference_serial(x_at, weight_at, bias_at, y_at, rows, n, eps, cent
 @kernel
 def row_norm_inference(x_at, weight_at, bias_at, y_at, rows, n, eps, center, witness):
     """``row_norm_forward``'s y, one parallel task per row, without mean and rstd."""
-    x, y = rows_at(x_at, rows, n, witness), rows_at(y_at, rows, n, witness)
-    weight, bias = vector_at(weight_at, n, witness), vector_at(bias_at, n, witness)
+    x, y = array_at(x_at, (rows, n), witness), array_at(y_at, (rows, n), witness)
+    weight, bias = array_at(weight_at, (n,), witness), array_at(bias_at, (n,), witness)
     for r in prange(rows):
         _row(x, weight, bias, eps, center, y, r)
 
