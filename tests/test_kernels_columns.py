@@ -282,16 +282,20 @@ def test_numba_runs_and_triton_refuses_with_the_reason(monkeypatch):
 
 
 def test_auto_threshold_for_columns(monkeypatch):
-    """ "auto" leaves channels-first LayerNorm/RMSNorm to torch below
-    AUTO_TORCH_COLUMN_ELEMENTS and runs the column kernel from there on."""
+    """ "auto" leaves channels-first LayerNorm/RMSNorm with a gradient to torch below
+    AUTO_TORCH_COLUMN_ELEMENTS and runs the column kernel from there on; without one, the
+    column kernel (by address once planned) at every size; a strided input goes to torch."""
     monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 1 << 15)
     monkeypatch.setattr(backends, "AUTO_TORCH_COLUMN_ELEMENTS", (1 << 16, 1 << 16))
+    weight = torch.ones(32, requires_grad=True)
     with backends.use("auto"):
-        F.layer_norm(torch.randn(4, 32, 16, 16), (32,), dim=1)  # 32K elements
+        F.layer_norm(torch.randn(4, 32, 16, 16), (32,), weight, dim=1)  # 32K elements
         assert backends.last_used() == "torch"
-        F.layer_norm(torch.randn(4, 32, 32, 16), (32,), dim=1)  # 64K elements
+        F.layer_norm(torch.randn(4, 32, 32, 16), (32,), weight, dim=1)  # 64K elements
         assert backends.last_used() == "numba"
-        F.rms_norm(torch.randn(4, 32, 32, 16), (32,), dim=1)
+        F.rms_norm(torch.randn(4, 32, 32, 16), (32,), weight, dim=1)
+        assert backends.last_used() == "numba"
+        F.layer_norm(torch.randn(4, 32, 16, 16), (32,), dim=1)  # no gradient
         assert backends.last_used() == "numba"
         x = torch.randn(4, 32, 32, 16).transpose(2, 3)  # not contiguous: torch
         F.layer_norm(x, (32,), dim=1)

@@ -427,21 +427,25 @@ def test_runs_without_f16c(tmp_path):
 def test_auto_routes_half_rows_to_numba_from_the_size_thresholds(dtype, monkeypatch):
     """Under "auto" with the real thresholds: a half LayerNorm/RMSNorm that needs a gradient
     runs Numba at any size (torch's half gradient is refused, and below AUTO_MIN_ELEMENTS the
-    kernel's launch still costs less than the composite); without a gradient torch's op
-    runs it up to AUTO_TORCH_ELEMENTS and Numba from there on."""
+    kernel's launch still costs less than the composite); without a gradient Numba too
+    (its plan launches the kernel by address, faster than torch's op at every size); a
+    strided input without a gradient goes to torch's op (the rows kernels take contiguous
+    rows only)."""
     if not backends.numba_available():
         pytest.skip("numba not installed")
     monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 1 << 15)  # conftest sets 0
     monkeypatch.setattr(backends, "AUTO_TORCH_ELEMENTS", (1 << 20, 1 << 18, 1 << 20))
-    for rows, grad, expected in (
-        (64, True, "numba"),  # 32K elements
-        (2, True, "numba"),
-        (64, False, "torch"),
-        (2048, False, "numba"),  # 1M elements
+    for rows, grad, strided, expected in (
+        (64, True, False, "numba"),  # 32K elements
+        (2, True, False, "numba"),
+        (64, False, False, "numba"),
+        (64, False, True, "torch"),
+        (2048, False, True, "torch"),  # 1M elements
     ):
-        x = torch.randn(rows, 512).to(dtype).requires_grad_(grad)
+        x = torch.randn(rows, 1024 if strided else 512).to(dtype)
+        x = (x[:, ::2] if strided else x).requires_grad_(grad)
         w = torch.ones(512, dtype=dtype, requires_grad=grad)
         with backends.use("auto"):
             for norm in (F.layer_norm, F.rms_norm):
                 norm(x, (512,), w)
-                assert backends.last_used() == expected, (norm.__name__, rows, grad)
+                assert backends.last_used() == expected, (norm.__name__, rows, grad, strided)
