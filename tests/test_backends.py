@@ -390,8 +390,10 @@ def test_auto_takes_numba_for_the_layouts_it_was_written_for():
 def test_auto_leaves_small_inputs_to_torchs_op_or_the_composite(monkeypatch):
     monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 1 << 15)
     with backends.use("auto"):
-        NF.layer_norm(torch.randn(4, 8), (8,))
+        NF.layer_norm(torch.randn(4, 8, requires_grad=True), (8,))
         assert backends.last_used() == "torch"
+        NF.layer_norm(torch.randn(4, 8), (8,))  # no gradient: the kernel by address
+        assert backends.last_used() == "numba"
         NF.group_norm(torch.randn(4, 8, 3), 2)
         assert backends.last_used() == "torch"
         NF.group_norm(torch.randn(4, 8, 3), 2, lengths=torch.tensor([3, 2, 1, 3]))
