@@ -394,8 +394,10 @@ def test_auto_leaves_small_inputs_to_torchs_op_or_the_composite(monkeypatch):
         assert backends.last_used() == "torch"
         NF.layer_norm(torch.randn(4, 8), (8,))  # no gradient: the kernel by address
         assert backends.last_used() == "numba"
-        NF.group_norm(torch.randn(4, 8, 3), 2)
+        NF.group_norm(torch.randn(4, 8, 3, requires_grad=True), 2)
         assert backends.last_used() == "torch"
+        NF.group_norm(torch.randn(4, 8, 3), 2)  # no parameters, no gradient: rows by address
+        assert backends.last_used() == "numba"
         NF.group_norm(torch.randn(4, 8, 3), 2, lengths=torch.tensor([3, 2, 1, 3]))
         assert backends.last_used() == "composite"  # masked: no torch op computes it
         NF.layer_norm(torch.randn(64, 512), (512,))
@@ -423,8 +425,9 @@ def test_numba_threads_follow_torch_and_small_inputs_run_on_one():
             with backends.use("numba"):
                 NF.layer_norm(big, (1024,))
             assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
-            with backends.use("numba"):
-                NF.layer_norm(torch.randn(4, 8), (8,))
+            with backends.use("numba"):  # (without a gradient a planned call runs the
+                # serial kernel on the calling thread, leaving Numba's count as it is)
+                NF.layer_norm(torch.randn(4, 8, requires_grad=True), (8,))
             assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
