@@ -393,3 +393,40 @@ def test_channels_first_inference_runs_the_column_kernel_by_address(dtype, shape
     want = torch.nn.functional.layer_norm(moved, (c,), weight.double(), bias.double())
     atol = 2e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(got.double(), want.movedim(-1, 1), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape, dim", [((1, 64, 7, 7), 1), ((2, 5, 3), 1), ((8, 64, 32, 32), 1), ((3, 4, 64), -1)]
+)
+@pytest.mark.parametrize("backend", ["numba", "auto"])
+def test_batch_norm_eval_without_gradient_runs_the_channels_kernel_by_address(
+    dtype, shape, dim, backend
+):
+    """BatchNorm with given statistics and no gradient runs the channels kernel by address
+    once planned (serial; on the pool for (8, 64, 32, 32); channels last for dim=-1): the
+    full path's bits, with and without parameters, and exact on data far from zero
+    (float64 arithmetic: (x - mean) * rstd * weight + bias)."""
+    if not backends.numba_available():
+        pytest.skip("numba is not installed")
+    torch.manual_seed(0)
+    c = shape[dim]
+    x = (1e4 + 1e-3 * torch.randn(shape, dtype=torch.float64)).to(dtype)
+    axes = tuple(d for d in range(x.dim()) if d != dim % x.dim())
+    mean = x.double().mean(axes).to(dtype)
+    var = x.double().var(axes, unbiased=False).to(dtype)
+    weight, bias = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    with backends.use(backend), torch.no_grad():
+        for params in ((weight, bias), (None, None)):
+            args = (x, mean, var, *params)
+            first = _unplanned(F.batch_norm, *args, dim=dim)
+            for _ in range(2):
+                y = F.batch_norm(*args, dim=dim)
+                assert backends.last_used() == "numba"
+                torch.testing.assert_close(y, first, rtol=0, atol=0)
+        got = F.batch_norm(x, mean, var, weight, bias, dim=dim)
+    keep = tuple(c if d == dim % x.dim() else 1 for d in range(x.dim()))
+    want = (x.double() - mean.double().view(keep)) / (var.double().view(keep) + 1e-5).sqrt()
+    want = want * weight.double().view(keep) + bias.double().view(keep)
+    atol = 2e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)

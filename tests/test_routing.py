@@ -117,9 +117,10 @@ CPU_ROUTES = {
     "batch_norm-channels-last": "C C C N N C N N C",
     "batch_norm-masked": "C C C N N C N N C",
     "batch_norm-ghost": "C C C C C C C C C",  # two kept axes (virtual batch, channel)
-    # BatchNorm eval: torch's op below AUTO_TORCH_GIVEN_ELEMENTS (1 << 18), the kernel above
-    "batch_norm-eval": "T T T T T T N N T",
-    "batch_norm-eval-float32-stats": "T C C T C C N C C",  # statistics of another dtype
+    # BatchNorm eval without gradient: the channels kernel by address at every size; with
+    # one, torch's op below AUTO_TORCH_GIVEN_ELEMENTS (1 << 18), the kernel above
+    "batch_norm-eval": "N N T N N T N N T",
+    "batch_norm-eval-float32-stats": "N C C N C C N C C",  # statistics of another dtype
     "batch_renorm": "C C C N N C N N C",
     "power_norm-eval": "C C C N N C N N C",  # a quadratic mean, no mean: not torch's BatchNorm
     "power_norm-warmup": "T T T T T T T T T",  # RMS over the batch axis: torch's op, moved axis

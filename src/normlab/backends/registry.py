@@ -257,6 +257,16 @@ def _kernel_plan(family: str):
                 return launch(x, weight, bias, eps)
 
             return inference
+        if family == "numba" and name == "batch_norm_given" and _given_by_address(call):
+            from normlab.kernels.cpu import launchers
+
+            given = launchers.batch_norm_given_inference(view, call.x.dtype)
+
+            def given_inference(x, weight, bias, eps, mean, var):
+                _last["backend"] = "numba"
+                return given(x, weight, bias, eps, mean, var)
+
+            return given_inference
         op, launcher = getattr(kernel_ops, name), kernel_ops.implementation(family, name)
 
         def run(x, weight, bias, eps, *stats):
@@ -292,6 +302,25 @@ def _pointer_launch(call: Call) -> bool:
         and x.numel() > 0
         and x.dtype in dtypes
         and all(t is None or t.dtype == x.dtype for t in (call.weight, call.bias))
+    )
+
+
+def _given_by_address(call: Call) -> bool:
+    """Whether the calls of ``call``'s plan key (BatchNorm with given statistics) can run
+    the channels kernel by address (``launchers.batch_norm_given_inference``): no gradient,
+    a C-contiguous non-empty float32/float64 input, parameters and statistics of its dtype,
+    statistics without gradient (the key fixes all of these)."""
+    x, mean, var = call.x, call.mean, call.var
+    return (
+        call.spec.stats == "given"
+        and call.spec.center  # BatchNorm; not PowerNorm's quadratic mean
+        and not _needs_grad(call)
+        and x.is_contiguous()
+        and x.numel() > 0
+        and x.dtype in (torch.float32, torch.float64)
+        and all(t is None or t.dtype == x.dtype for t in (call.weight, call.bias))
+        and all(t is not None and t.dtype == x.dtype for t in (mean, var))
+        and not (mean.requires_grad or var.requires_grad)
     )
 
 
@@ -386,7 +415,7 @@ def _auto(call: Call) -> Family:
         kernel = TRITON if call.x.device.type == "cuda" else NUMBA
         small = False
         if kernel is NUMBA:
-            if _by_address(call) and kernel.takes(call) is None:
+            if (_by_address(call) or _given_by_address(call)) and kernel.takes(call) is None:
                 return kernel
             n = call.x.numel()
             small = n < backends.AUTO_MIN_ELEMENTS or (

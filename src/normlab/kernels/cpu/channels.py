@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels.cpu.common import zeros
-from normlab.kernels.cpu.runtime import CHUNKS, kernel, serial
+from normlab.kernels.cpu.common import rsqrt, zeros
+from normlab.kernels.cpu.pointers import array_at
+from normlab.kernels.cpu.runtime import CHUNKS, kernel, serial, serial_kernel
 
 # A block of work (rows x positions x channels) is at most this many bytes of x, so the
 # statistics' second pass over it hits the cache (L2 is 1 MB per core).
@@ -347,6 +348,87 @@ def channel_apply(x, scale, shift, y):
                     h = shift[c]
                     for b in range(b1 - b0):
                         ys[b] = xs[b] * k + h
+
+
+# --- given statistics (eval) ---------------------------------------------------------------------
+
+
+@serial
+def _given_coefficients(weight, bias, mean, var, eps, shift, scale, offset):
+    """Per channel: the mean to subtract (``shift``), rstd * weight (``scale``, computed in
+    float64 and rounded once to the arrays' dtype) and the bias (``offset``)."""
+    for c in range(scale.shape[0]):
+        shift[c] = mean[c]
+        scale[c] = rsqrt(np.float64(var[c]) + eps) * np.float64(weight[c])
+        offset[c] = bias[c]
+
+
+@serial
+def _given_task(x, y, shift, scale, offset, t):
+    """Task t of ``_given_tasks``: y = (x - mean) * scale + bias in the coefficients' dtype,
+    x's (the statistics have it too): x - mean is exact for x near the mean (1e4 + 1e-3
+    noise keeps its digits in float32), then two roundings of an O(1) value."""
+    B = x.shape[2]
+    if B == 1:  # channels last: one row of C channels
+        xr, yr = x[t, :, 0], y[t, :, 0]
+        for c in range(xr.shape[0]):
+            yr[c] = (xr[c] - shift[c]) * scale[c] + offset[c]
+    else:
+        C = x.shape[1]
+        a, c = t // C, t % C
+        xs, ys = x[a, c], y[a, c]
+        m, k, h = shift[c], scale[c], offset[c]
+        for b in range(B):
+            ys[b] = (xs[b] - m) * k + h
+
+
+@serial
+def _given_tasks(x):
+    """Tasks of the given-statistics apply: the A rows when B == 1, else the A * C
+    (row, channel) runs of B positions."""
+    A, C, B = x.shape
+    return A if B == 1 else A * C
+
+
+@kernel
+def given_apply(x, weight, bias, mean, var, eps, y):
+    """BatchNorm with given statistics (C,) of x's dtype of the (A, C, B) view x into y:
+    y = (x - mean) * (rsqrt(var + eps) * weight) + bias, in x's dtype (float32 vectors are
+    twice as wide), the coefficient computed in float64 and rounded once."""
+    C = x.shape[1]
+    shift, scale, offset = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
+    _given_coefficients(weight, bias, mean, var, eps, shift, scale, offset)
+    for t in prange(_given_tasks(x)):
+        _given_task(x, y, shift, scale, offset, t)
+
+
+# By address (``normlab.kernels.cpu.pointers``; x and y (A, C, B), weight, bias, mean and
+# var (C,), all of x's element type ``witness``): ``given_apply`` at the cost of the call
+# alone, for eval BatchNorm at batch 1.
+
+
+@serial_kernel
+def given_inference_serial(x_at, weight_at, bias_at, mean_at, var_at, y_at, A, C, B, eps, witness):
+    """``given_apply`` on the calling thread."""
+    x, y = array_at(x_at, (A, C, B), witness), array_at(y_at, (A, C, B), witness)
+    weight, bias = array_at(weight_at, (C,), witness), array_at(bias_at, (C,), witness)
+    mean, var = array_at(mean_at, (C,), witness), array_at(var_at, (C,), witness)
+    shift, scale, offset = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
+    _given_coefficients(weight, bias, mean, var, eps, shift, scale, offset)
+    for t in range(_given_tasks(x)):
+        _given_task(x, y, shift, scale, offset, t)
+
+
+@kernel
+def given_inference(x_at, weight_at, bias_at, mean_at, var_at, y_at, A, C, B, eps, witness):
+    """``given_apply``, one parallel task per row (B == 1) or (row, channel)."""
+    x, y = array_at(x_at, (A, C, B), witness), array_at(y_at, (A, C, B), witness)
+    weight, bias = array_at(weight_at, (C,), witness), array_at(bias_at, (C,), witness)
+    mean, var = array_at(mean_at, (C,), witness), array_at(var_at, (C,), witness)
+    shift, scale, offset = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
+    _given_coefficients(weight, bias, mean, var, eps, shift, scale, offset)
+    for t in prange(_given_tasks(x)):
+        _given_task(x, y, shift, scale, offset, t)
 
 
 # --- backward ----------------------------------------------------------------------------------

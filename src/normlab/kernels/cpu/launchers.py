@@ -220,10 +220,45 @@ def batch_norm_train(x, weight, bias, eps, mask):
 
 
 def batch_norm_given(x, weight, bias, mean, var, eps):
-    """(y, mean, rstd) with the given statistics (eval mode), which are constants."""
-    mean = mean.to(torch.float64, copy=True)
-    rstd = torch.rsqrt(var.double() + eps)
-    return _apply(x, weight, bias, mean, rstd), mean, rstd
+    """(y, mean, rstd) with the given statistics (eval mode), which are constants; y =
+    (x - mean) * rstd * weight + bias in float64 (``channels.given_apply``, the kernel of
+    ``batch_norm_given_inference`` too)."""
+    c = x.shape[1]
+    y = torch.empty_like(x)
+    w, b = param(weight, c, 1.0, x), param(bias, c, 0.0, x)
+    launch(_kernels("channels").given_apply, x, w, b, mean.contiguous(), var.contiguous(), eps, y)
+    return y, mean.to(torch.float64, copy=True), torch.rsqrt(var.double() + eps)
+
+
+def batch_norm_given_inference(view, dtype):
+    """A runner ``(x, weight, bias, eps, mean, var) -> y`` of ``batch_norm_given``'s y for
+    inputs whose memory is ``view`` = (A, C, B), C-contiguous, of ``dtype`` (float32 or
+    float64), weight and bias of C elements of it or None, mean and var of C elements of
+    it, on the CPU: what a plan's key guarantees. By address, as
+    ``norm_inference``."""
+    from normlab.kernels.cpu import pointers, runtime
+
+    elements = int(np.prod(view, dtype=np.int64))
+    pool = elements >= INFERENCE_SERIAL_BELOW
+    witness = WITNESS[dtype]
+    channels = _kernels("channels")
+    kernel = channels.given_inference if pool else channels.given_inference_serial
+    kernel = pointers.direct(kernel, 0, 0, 0, 0, 0, 0, *view, 0.0, witness)
+    c = view[1]
+    ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
+
+    def run(x, weight, bias, eps, mean, var):
+        weight = ones if weight is None else weight.contiguous()
+        bias = zeros if bias is None else bias.contiguous()
+        mean, var = mean.contiguous(), var.contiguous()
+        y = torch.empty_like(x)
+        if pool:
+            runtime.sync_threads(elements)
+        x_at, y_at, w_at, b_at = x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr()
+        kernel(x_at, w_at, b_at, mean.data_ptr(), var.data_ptr(), y_at, *view, eps, witness)
+        return y
+
+    return run
 
 
 def batch_norm_backward(dy, x, weight, mean, rstd, mask, count, stats_given):
