@@ -105,7 +105,11 @@ def test_in_process_toy_grid_records_every_contender_and_consistent_ratios(
     steps = [e for e in events if e["event"] == "step"]
     # inference cases (decode rows): the forward only, in inference_mode
     inference = [case["label"] for case in mode["cases"] if case["inference"]]
-    assert inference == ["layer_norm 1x32 inference", "layer_norm 8x32 inference"]
+    assert inference == [
+        "batch_norm 1x8x4x4 eval N,C,L inference",
+        "layer_norm 1x32 inference",
+        "layer_norm 8x32 inference",
+    ]
     assert len(steps) == 2 * len(labels) - len(inference)
     for case in mode["cases"]:
         _check_case(case, settings.repetitions)

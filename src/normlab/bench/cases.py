@@ -22,8 +22,6 @@ OPS = (
 )
 """Op names, as in ``normlab.functional`` (``--only`` takes these)."""
 
-FEATURE_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
-
 PADDING = 0.3
 """Fraction of padded positions in the masked BatchNorm cases (on average over the batch)."""
 
@@ -34,10 +32,9 @@ class Case:
 
     ``shape`` is the input's shape: (rows, features) for the feature norms, (N, C, L) or
     (B, L, C) for BatchNorm (``channel_dim`` 1 or -1), (N, C, H, W) for GroupNorm and
-    InstanceNorm. ``training`` selects BatchNorm's batch statistics (else running ones, with
-    a gradient still); for a feature norm, ``training=False`` is inference: no input needs a
-    gradient, every contender runs under ``torch.inference_mode``, forward only (a decode
-    step);
+    InstanceNorm. ``training`` selects BatchNorm's batch statistics (else running ones);
+    ``inference``: no input needs a gradient, every contender runs under
+    ``torch.inference_mode``, forward only (a decode step, a CNN's eval at batch 1);
     ``padding`` is the fraction of padded positions (BatchNorm via ``lengths=``; 0: no mask).
     ``dtype``: the inputs' and parameters' dtype (a ``torch`` attribute name). ``layout``
     (feature norms): "contiguous"; "strided", x a (rows, features) view of every other
@@ -54,6 +51,7 @@ class Case:
     groups: int = 32
     dtype: str = "float32"
     layout: str = "contiguous"
+    inference: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -68,18 +66,13 @@ class Case:
         return self.padding > 0
 
     @property
-    def inference(self) -> bool:
-        """A feature norm's inference case: forward only, under ``torch.inference_mode``."""
-        return not self.training and self.op in FEATURE_OPS
-
-    @property
     def variant(self) -> str:
         """What distinguishes this case from others of the same op and shape."""
         if self.op == "batch_norm":
             layout = "N,C,L" if self.channel_dim == 1 else "B,L,C dim=-1"
             mode = "train" if self.training else "eval"
             pad = f" {round(self.padding * 100)}% pad" if self.masked else ""
-            return f"{mode} {layout}{pad}"
+            return f"{mode} {layout}{pad}" + (" inference" if self.inference else "")
         if self.op == "group_norm":
             return f"{self.groups} groups"
         words = [] if self.layout == "contiguous" else [self.layout.replace("_", "-")]
@@ -118,12 +111,13 @@ def _path_cases(decode: int, half: tuple[int, int], image, strided, small_image)
     c = small_image[1]
     return [
         Case("batch_norm", small_image, channel_dim=1, training=False),
+        Case("batch_norm", small_image, channel_dim=1, training=False, inference=True),
         Case("group_norm", small_image, groups=min(32, c)),
         Case("instance_norm", small_image),
         *(
-            Case(op, (rows, decode), training=training)
+            Case(op, (rows, decode), inference=inference)
             for op in ("layer_norm", "rms_norm")
-            for training in (False, True)
+            for inference in (True, False)
             for rows in (1, 8)
         ),
         *(
@@ -158,7 +152,7 @@ GRIDS: dict[str, list[Case]] = {
     "quick": [
         *_feature_cases([(8192, 1024)]),
         Case("layer_norm", (1, 4096)),
-        Case("layer_norm", (1, 4096), training=False),
+        Case("layer_norm", (1, 4096), inference=True),
         Case("layer_norm", (8192, 1024), dtype="bfloat16"),
         Case("layer_norm", (16, 96, 56, 56), layout="channels_first"),
         Case("layer_norm", (2048, 1024), layout="strided"),

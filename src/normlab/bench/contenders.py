@@ -230,9 +230,9 @@ def _feature_workload(case: Case, g: torch.Generator) -> Workload:
 
 
 def _batch_norm_workload(case: Case, g: torch.Generator) -> Workload:
-    x = torch.randn(case.shape, generator=g).requires_grad_()
+    x = torch.randn(case.shape, generator=g).requires_grad_(not case.inference)
     channels = case.shape[case.channel_dim]
-    weight, bias = _affine(channels, g)
+    weight, bias = _affine(channels, g, grad=not case.inference)
     dy = torch.randn(case.shape, generator=g)
     mean0 = 0.1 * torch.randn(channels, generator=g)
     var0 = 1.0 + 0.1 * torch.rand(channels, generator=g)
