@@ -430,3 +430,38 @@ def test_batch_norm_eval_without_gradient_runs_the_channels_kernel_by_address(
     want = want * weight.double().view(keep) + bias.double().view(keep)
     atol = 2e-6 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape, groups", [((1, 64, 7, 7), 32), ((2, 6, 5), 3), ((4, 64, 32, 32), 8), ((3, 8), 4)]
+)
+@pytest.mark.parametrize("backend", ["numba", "auto"])
+def test_group_norm_without_gradient_runs_the_groups_kernel_by_address(
+    dtype, shape, groups, backend
+):
+    """GroupNorm/InstanceNorm with parameters, no mask and no gradient run the groups kernel
+    by address once planned (serial; on the pool for (4, 64, 32, 32); one position per
+    channel for (3, 8)): the full path's bits, and exact on data far from zero."""
+    if not backends.numba_available():
+        pytest.skip("numba is not installed")
+    torch.manual_seed(0)
+    c = shape[1]
+    x = (1e4 + 1e-3 * torch.randn(shape, dtype=torch.float64)).to(dtype)
+    weight, bias = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    with backends.use(backend), torch.no_grad():
+        calls = [("group_norm", (x, groups, weight, bias))]
+        if x.dim() > 2:  # InstanceNorm needs positions
+            calls.append(("instance_norm", (x, None, None, weight, bias)))
+        for name, args in calls:
+            fn = getattr(F, name)
+            first = _unplanned(fn, *args)
+            for _ in range(2):
+                y = fn(*args)
+                assert backends.last_used() == "numba"
+                torch.testing.assert_close(y, first, rtol=0, atol=0)
+        got = F.group_norm(x, groups, weight, bias)
+    want = torch.nn.functional.group_norm(x.double() - 1e4, groups, weight.double(), bias.double())
+    # float64: the data's condition (spread 1e-3 on 1e4) times float64's 1e-16
+    atol = 1e-5 if dtype == torch.float32 else 1e-8
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)

@@ -91,10 +91,10 @@ def routing_table(device: str = "cpu") -> dict[str, str]:
 # The CPU routing under "auto" (C: composite, N: numba, T: torch's own ops), per call, for
 # f32 f64 bf16 at the small size, then at the large size, then at the huge size. LayerNorm/
 # RMSNorm without a gradient take the rows (columns) kernel at every size (its plan
-# launches it by address, faster than torch's op from one row on); GroupNorm/
-# InstanceNorm and the fused add stay with torch's op up to AUTO_TORCH_ELEMENTS, where the
-# Numba kernels win. The Numba kernels take bf16 in the rows layout only (LayerNorm/RMSNorm/
-# fused add over trailing axes).
+# launches it by address, faster than torch's op from one row on), as do BatchNorm eval and
+# GroupNorm/InstanceNorm; the fused add stays with torch's op up to AUTO_TORCH_ELEMENTS,
+# where the Numba kernels win. The Numba kernels take bf16 in the rows layout only
+# (LayerNorm/RMSNorm/fused add over trailing axes).
 CPU_ROUTES = {
     "layer_norm": "N N N N N N N N N",
     "layer_norm-no-affine": "N N N N N N N N N",
@@ -108,9 +108,10 @@ CPU_ROUTES = {
     "layer_norm-non-contiguous": "T T T T T T T T T",
     "rms_norm": "N N N N N N N N N",
     "add_layer_norm": "T T T T T T N N N",
-    "group_norm": "T T T T T T N N T",
+    # GroupNorm/InstanceNorm without mask and gradient: the groups kernel by address
+    "group_norm": "N N T N N T N N T",
     "group_norm-masked": "C C C N N C N N C",
-    "instance_norm": "T T T T T T N N T",
+    "instance_norm": "N N T N N T N N T",
     "instance_norm-masked": "C C C N N C N N C",
     "instance_norm-given": "C C C C C C C C C",  # given statistics per instance: no layout
     "batch_norm": "C C C N N C N N C",

@@ -19,7 +19,8 @@
   dtype and layout.
 - ``"auto"`` (default): on CUDA tensors ``"triton"`` where it applies (when installed); on
   CPU tensors, a call without gradient to LayerNorm/RMSNorm (over trailing axes, or one
-  other axis) or to BatchNorm with given statistics on a contiguous input goes to
+  other axis), to GroupNorm/InstanceNorm without a mask or to BatchNorm with given
+  statistics on a contiguous input goes to
   ``"numba"`` at every size: once planned, its kernel is launched by address, faster than
   torch's op from one row on (``normlab.kernels.cpu.pointers``); other calls go to
   ``"numba"`` where it applies and the input has at least
@@ -60,7 +61,7 @@ AUTO_MIN_ELEMENTS = 1 << 15
 # torch's own ops compute (the "torch" family) to them, not to the Numba kernels: torch's
 # fused op behind normlab's per-call plan costs less than a kernel launch there. Since the
 # kernels run by address without gradient (2026-12-08), the LayerNorm/RMSNorm bounds apply
-# only to the calls that cannot (empty inputs); GroupNorm's apply to it with parameters. Measured
+# only to the calls that cannot (empty inputs), GroupNorm's to the strided ones. Measured
 # with scripts/auto_crossover.py through the public modules (2 idle cores, 2 threads,
 # 2026-12-07, torch time / kernel time, two runs): without a gradient LayerNorm 0.80 at
 # 128K elements, 1.02-1.04 at 256K; RMSNorm (torch's CPU RMSNorm is not fused) 0.78-0.90 at

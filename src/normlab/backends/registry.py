@@ -257,6 +257,16 @@ def _kernel_plan(family: str):
                 return launch(x, weight, bias, eps)
 
             return inference
+        if family == "numba" and name == "group_norm" and _groups_by_address(call):
+            from normlab.kernels.cpu import launchers
+
+            grouped = launchers.group_norm_inference(view, call.x.dtype, layout.groups)
+
+            def groups_inference(x, weight, bias, eps):
+                _last["backend"] = "numba"
+                return grouped(x, weight, bias, eps)
+
+            return groups_inference
         if family == "numba" and name == "batch_norm_given" and _given_by_address(call):
             from normlab.kernels.cpu import launchers
 
@@ -321,6 +331,25 @@ def _given_by_address(call: Call) -> bool:
         and all(t is None or t.dtype == x.dtype for t in (call.weight, call.bias))
         and all(t is not None and t.dtype == x.dtype for t in (mean, var))
         and not (mean.requires_grad or var.requires_grad)
+    )
+
+
+def _groups_by_address(call: Call) -> bool:
+    """Whether the calls of ``call``'s plan key (GroupNorm/InstanceNorm in the groups
+    layout) can run the groups kernel by address (``launchers.group_norm_inference``): no
+    mask, no gradient, a C-contiguous non-empty float32/float64 input, parameters of its
+    dtype (the key fixes all of these)."""
+    x = call.x
+    return (
+        getattr(call.layout, "kind", None) == "groups"
+        and call.mask is None
+        and not call.spec.masked
+        and call.spec.stats == "batch"
+        and not _needs_grad(call)
+        and x.is_contiguous()
+        and x.numel() > 0
+        and x.dtype in (torch.float32, torch.float64)
+        and all(t is None or t.dtype == x.dtype for t in (call.weight, call.bias))
     )
 
 
@@ -417,6 +446,12 @@ def _auto(call: Call) -> Family:
         if kernel is NUMBA:
             if (_by_address(call) or _given_by_address(call)) and kernel.takes(call) is None:
                 return kernel
+            if (
+                TORCH.takes(call) is None
+                and kernel.takes(call) is None
+                and _groups_by_address(call)
+            ):
+                return kernel  # (the groups layout: known after the kernel's takes)
             n = call.x.numel()
             small = n < backends.AUTO_MIN_ELEMENTS or (
                 call.spec.stats in ("batch", "given")

@@ -25,7 +25,8 @@ import numpy as np
 from numba import prange
 
 from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds, zeros
-from normlab.kernels.cpu.runtime import CHUNKS, kernel, serial
+from normlab.kernels.cpu.pointers import array_at
+from normlab.kernels.cpu.runtime import CHUNKS, kernel, serial, serial_kernel
 
 
 @serial
@@ -69,6 +70,28 @@ def _statistics(x, seg, b, c0, per, mask, masked, count):
     return mu, div(sq, count)
 
 
+@serial
+def _normalize_group(x, xf, y, yf, weight, bias, eps, mask, masked, count, b, grp, per):
+    """Normalizes group ``grp`` (channels grp * per .. + per - 1) of sample b of x (B, C, S)
+    (``xf``, ``yf``: x and y as (B, C * S)) into y; returns its (mean, var, rstd)."""
+    positions = x.shape[2]
+    c0 = grp * per
+    seg = xf[b, c0 * positions : (c0 + per) * positions]
+    mu, v = _statistics(x, seg, b, c0, per, mask, masked, count)
+    rs = rsqrt(v + eps)
+    if positions == 1:  # one contiguous loop over the channels
+        ys, ws, bs = yf[b, c0 : c0 + per], weight[c0 : c0 + per], bias[c0 : c0 + per]
+        for i in range(per):
+            ys[i] = (seg[i] - mu) * (rs * ws[i]) + bs[i]
+    else:
+        for c in range(c0, c0 + per):
+            scale = rs * weight[c]
+            shift = np.float64(bias[c])
+            for s in range(positions):
+                y[b, c, s] = (x[b, c, s] - mu) * scale + shift
+    return mu, v, rs
+
+
 @kernel
 def group_norm_forward(x, weight, bias, groups, eps, mask, y, mean, var, rstd):
     """y = (x - mean) * rstd * weight[c] + bias[c] per (sample, group) of x (B, C, S);
@@ -88,23 +111,47 @@ def group_norm_forward(x, weight, bias, groups, eps, mask, y, mean, var, rstd):
     for t in prange(batch * groups):
         b = t // groups
         grp = t - b * groups
-        c0 = grp * per
-        seg = xf[b, c0 * positions : (c0 + per) * positions]
-        mu, v = _statistics(x, seg, b, c0, per, mask, masked, per * real[b])
-        rs = rsqrt(v + eps)
+        mu, v, rs = _normalize_group(
+            x, xf, y, yf, weight, bias, eps, mask, masked, per * real[b], b, grp, per
+        )
         mean[b, grp] = mu
         var[b, grp] = v
         rstd[b, grp] = rs
-        if positions == 1:  # one contiguous loop over the channels
-            ys, ws, bs = yf[b, c0 : c0 + per], weight[c0 : c0 + per], bias[c0 : c0 + per]
-            for i in range(per):
-                ys[i] = (seg[i] - mu) * (rs * ws[i]) + bs[i]
-        else:
-            for c in range(c0, c0 + per):
-                scale = rs * weight[c]
-                shift = np.float64(bias[c])
-                for s in range(positions):
-                    y[b, c, s] = (x[b, c, s] - mu) * scale + shift
+
+
+# Inference without a mask, by address (``normlab.kernels.cpu.pointers``; x and y (B, C, S),
+# weight and bias (C,), all of x's element type ``witness``): ``group_norm_forward``'s y at
+# the cost of the call alone, for a diffusion UNet or a CNN at batch 1.
+
+
+@serial_kernel
+def group_norm_inference_serial(x_at, weight_at, bias_at, y_at, B, C, S, groups, eps, witness):
+    """``group_norm_forward``'s y without a mask, on the calling thread."""
+    x, y = array_at(x_at, (B, C, S), witness), array_at(y_at, (B, C, S), witness)
+    weight, bias = array_at(weight_at, (C,), witness), array_at(bias_at, (C,), witness)
+    xf, yf = x.reshape(B, C * S), y.reshape(B, C * S)
+    per = C // groups
+    mask = np.empty((0, 0), np.uint8)
+    for t in range(B * groups):
+        b = t // groups
+        _normalize_group(
+            x, xf, y, yf, weight, bias, eps, mask, False, per * S, b, t - b * groups, per
+        )
+
+
+@kernel
+def group_norm_inference(x_at, weight_at, bias_at, y_at, B, C, S, groups, eps, witness):
+    """``group_norm_forward``'s y without a mask, one parallel task per (sample, group)."""
+    x, y = array_at(x_at, (B, C, S), witness), array_at(y_at, (B, C, S), witness)
+    weight, bias = array_at(weight_at, (C,), witness), array_at(bias_at, (C,), witness)
+    xf, yf = x.reshape(B, C * S), y.reshape(B, C * S)
+    per = C // groups
+    mask = np.empty((0, 0), np.uint8)
+    for t in prange(B * groups):
+        b = t // groups
+        _normalize_group(
+            x, xf, y, yf, weight, bias, eps, mask, False, per * S, b, t - b * groups, per
+        )
 
 
 @serial

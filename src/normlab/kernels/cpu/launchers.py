@@ -168,6 +168,35 @@ def group_norm(x, weight, bias, groups, eps, mask):
     return y, mean, var, rstd
 
 
+def group_norm_inference(view, dtype, groups):
+    """A runner ``(x, weight, bias, eps) -> y`` of ``group_norm``'s y without a mask for
+    inputs whose memory is ``view`` = (B, C, S), C-contiguous, of ``dtype`` (float32 or
+    float64), weight and bias of C elements of it or None, on the CPU: what a plan's key
+    guarantees. By address, as ``norm_inference``."""
+    from normlab.kernels.cpu import pointers, runtime
+
+    elements = int(np.prod(view, dtype=np.int64))
+    pool = elements >= INFERENCE_SERIAL_BELOW
+    witness = WITNESS[dtype]
+    module = _kernels("groups")
+    kernel = module.group_norm_inference if pool else module.group_norm_inference_serial
+    kernel = pointers.direct(kernel, 0, 0, 0, 0, *view, groups, 0.0, witness)
+    c = view[1]
+    ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
+
+    def run(x, weight, bias, eps):
+        weight = ones if weight is None else weight.contiguous()
+        bias = zeros if bias is None else bias.contiguous()
+        y = torch.empty_like(x)
+        if pool:
+            runtime.sync_threads(elements)
+        x_at, y_at = x.data_ptr(), y.data_ptr()
+        kernel(x_at, weight.data_ptr(), bias.data_ptr(), y_at, *view, groups, eps, witness)
+        return y
+
+    return run
+
+
 def group_norm_backward(dy, x, weight, mean, rstd, groups, mask):
     c = x.shape[1]
     dx, dweight, dbias = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
