@@ -74,7 +74,7 @@ class Case:
             pad = f" {round(self.padding * 100)}% pad" if self.masked else ""
             return f"{mode} {layout}{pad}" + (" inference" if self.inference else "")
         if self.op == "group_norm":
-            return f"{self.groups} groups"
+            return f"{self.groups} groups" + (" inference" if self.inference else "")
         words = [] if self.layout == "contiguous" else [self.layout.replace("_", "-")]
         words += [] if self.dtype == "float32" else [self.dtype]
         return " ".join(words + (["inference"] if self.inference else []))
@@ -113,6 +113,7 @@ def _path_cases(decode: int, half: tuple[int, int], image, strided, small_image)
         Case("batch_norm", small_image, channel_dim=1, training=False),
         Case("batch_norm", small_image, channel_dim=1, training=False, inference=True),
         Case("group_norm", small_image, groups=min(32, c)),
+        Case("group_norm", small_image, groups=min(32, c), inference=True),
         Case("instance_norm", small_image),
         *(
             Case(op, (rows, decode), inference=inference)

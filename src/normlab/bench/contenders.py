@@ -268,8 +268,8 @@ def _batch_norm_workload(case: Case, g: torch.Generator) -> Workload:
 
 
 def _image_workload(case: Case, g: torch.Generator) -> Workload:
-    x = torch.randn(case.shape, generator=g).requires_grad_()
-    weight, bias = _affine(case.shape[1], g)
+    x = torch.randn(case.shape, generator=g).requires_grad_(not case.inference)
+    weight, bias = _affine(case.shape[1], g, grad=not case.inference)
     dy = torch.randn(case.shape, generator=g)
     if case.op == "group_norm":
         args = (x, case.groups, weight, bias)
