@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from normlab.kernels.cpu.half import store
+from normlab.kernels.cpu.half import compute, load, store
 from normlab.kernels.cpu.runtime import chunk_bounds, serial
 
 serial_chunk_bounds = serial(chunk_bounds)
@@ -45,3 +45,22 @@ def add_blocks(partial, out):
             acc[j] += p[j]
     for j in range(acc.shape[0]):
         store(out, j, acc[j])
+
+
+@serial
+def shifted_sum(row, k):
+    """sum (row - k), in ``compute``'s dtype (k: ``half.pivot(row)``)."""
+    s = compute(row, 0.0)
+    for j in range(row.shape[0]):
+        s += load(row, j) - k
+    return s
+
+
+@serial
+def shifted_squares(row, k, mu):
+    """sum ((row - k) - mu)^2, in ``compute``'s dtype."""
+    s = compute(row, 0.0)
+    for j in range(row.shape[0]):
+        d = (load(row, j) - k) - mu
+        s += d * d
+    return s

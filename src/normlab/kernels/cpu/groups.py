@@ -24,7 +24,16 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds, zeros
+from normlab.kernels.cpu.common import (
+    add_blocks,
+    div,
+    rsqrt,
+    serial_chunk_bounds,
+    shifted_squares,
+    shifted_sum,
+    zeros,
+)
+from normlab.kernels.cpu.half import compute, pivot
 from normlab.kernels.cpu.pointers import array_at
 from normlab.kernels.cpu.runtime import CHUNKS, kernel, serial, serial_kernel
 
@@ -73,23 +82,40 @@ def _statistics(x, seg, b, c0, per, mask, masked, count):
 @serial
 def _normalize_group(x, xf, y, yf, weight, bias, eps, mask, masked, count, b, grp, per):
     """Normalizes group ``grp`` (channels grp * per .. + per - 1) of sample b of x (B, C, S)
-    (``xf``, ``yf``: x and y as (B, C * S)) into y; returns its (mean, var, rstd)."""
+    (``xf``, ``yf``: x and y as (B, C * S)) into y; returns its (mean, var, rstd) in float64.
+
+    Unmasked, the group is one contiguous run and is computed as the rows kernels compute a
+    row: in ``half.compute``'s dtype (float32 for float32 input), deviations taken from the
+    run's first element k (x - k is exact near k, so 1e4 + 1e-3 noise keeps its spread).
+    Masked, in float64 over the real positions (``_statistics``)."""
     positions = x.shape[2]
     c0 = grp * per
     seg = xf[b, c0 * positions : (c0 + per) * positions]
-    mu, v = _statistics(x, seg, b, c0, per, mask, masked, count)
-    rs = rsqrt(v + eps)
-    if positions == 1:  # one contiguous loop over the channels
-        ys, ws, bs = yf[b, c0 : c0 + per], weight[c0 : c0 + per], bias[c0 : c0 + per]
-        for i in range(per):
-            ys[i] = (seg[i] - mu) * (rs * ws[i]) + bs[i]
-    else:
+    if masked:
+        mu, v = _statistics(x, seg, b, c0, per, mask, masked, count)
+        rs = rsqrt(v + eps)
         for c in range(c0, c0 + per):
             scale = rs * weight[c]
             shift = np.float64(bias[c])
             for s in range(positions):
                 y[b, c, s] = (x[b, c, s] - mu) * scale + shift
-    return mu, v, rs
+        return mu, v, rs
+    k = pivot(seg)
+    m = compute(seg, div(shifted_sum(seg, k), count))  # the mean of x - k
+    v = div(shifted_squares(seg, k, m), count)
+    rs = compute(seg, rsqrt(v + eps))
+    if positions == 1:  # one contiguous loop over the channels
+        ys, ws, bs = yf[b, c0 : c0 + per], weight[c0 : c0 + per], bias[c0 : c0 + per]
+        for i in range(per):
+            ys[i] = ((seg[i] - k) - m) * (rs * ws[i]) + bs[i]
+    else:
+        for c in range(c0, c0 + per):
+            scale = rs * weight[c]
+            shift = bias[c]
+            xc, yc = x[b, c], y[b, c]
+            for s in range(positions):
+                yc[s] = ((xc[s] - k) - m) * scale + shift
+    return np.float64(k) + np.float64(m), np.float64(v), np.float64(rs)
 
 
 @kernel

@@ -31,29 +31,17 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from normlab.kernels.cpu.common import add_blocks, div, rsqrt, serial_chunk_bounds
+from normlab.kernels.cpu.common import (
+    add_blocks,
+    div,
+    rsqrt,
+    serial_chunk_bounds,
+    shifted_squares,
+    shifted_sum,
+)
 from normlab.kernels.cpu.half import compute, load, pivot, scratch, store
 from normlab.kernels.cpu.pointers import array_at
 from normlab.kernels.cpu.runtime import kernel, serial, serial_kernel
-
-
-@serial
-def _sum(row, k):
-    """sum (row - k), in ``compute``'s dtype (k: ``pivot(row)``)."""
-    s = compute(row, 0.0)
-    for j in range(row.shape[0]):
-        s += load(row, j) - k
-    return s
-
-
-@serial
-def _squared_deviation(row, k, mu):
-    """sum ((row - k) - mu)^2, in ``compute``'s dtype."""
-    s = compute(row, 0.0)
-    for j in range(row.shape[0]):
-        d = (load(row, j) - k) - mu
-        s += d * d
-    return s
 
 
 @serial
@@ -78,7 +66,7 @@ def _normalize_row(row, k, total, weight, bias, eps, center, out):
     rstd) in float64."""
     n = row.shape[0]
     mu = compute(row, div(total, n)) if center else compute(row, 0.0)  # mean of row - k
-    rs = compute(row, rsqrt(div(_squared_deviation(row, k, mu), n) + eps))
+    rs = compute(row, rsqrt(div(shifted_squares(row, k, mu), n) + eps))
     _affine(row, k, mu, rs, weight, bias, out)
     return np.float64(k) + np.float64(mu), np.float64(rs)
 
@@ -88,7 +76,7 @@ def _row(x, weight, bias, eps, center, y, r):
     """Normalizes row r of x into row r of y; returns its (mean, rstd) in float64."""
     xr = x[r]
     k = _shift(xr, center)
-    total = _sum(xr, k) if center else compute(xr, 0.0)
+    total = shifted_sum(xr, k) if center else compute(xr, 0.0)
     return _normalize_row(xr, k, total, weight, bias, eps, center, y[r])
 
 
