@@ -297,59 +297,55 @@ def _kernel_plan(family: str):
     return plan
 
 
-def _pointer_launch(call: Call) -> bool:
-    """Whether the calls of ``call``'s plan key can run the rows or columns kernel by address
-    (``launchers.norm_inference``): no gradient, a C-contiguous non-empty input of a kernel
-    dtype (float16/bfloat16 over trailing axes only), and parameters of its dtype (the key
-    fixes all of these)."""
+_FLOATS = (torch.float32, torch.float64)
+_HALVES = (torch.bfloat16, torch.float16)
+
+
+def _addressable(call: Call, dtypes, tensors) -> bool:
+    """What every by-address launch needs of the calls of ``call``'s plan key (the key fixes
+    all of it): no gradient, a C-contiguous non-empty input of one of ``dtypes``, and
+    ``tensors`` (parameters, statistics) of its dtype or None."""
     x = call.x
-    dtypes = (torch.float32, torch.float64)
-    if call.layout == -1 or getattr(call.layout, "kind", None) == "rows":
-        dtypes += (torch.bfloat16, torch.float16)
     return (
         not _needs_grad(call)
         and x.is_contiguous()
         and x.numel() > 0
         and x.dtype in dtypes
-        and all(t is None or t.dtype == x.dtype for t in (call.weight, call.bias))
+        and all(t is None or t.dtype == x.dtype for t in tensors)
     )
 
 
+def _pointer_launch(call: Call) -> bool:
+    """Whether the rows or columns kernel can run ``call``'s plan by address
+    (``launchers.norm_inference``): float16/bfloat16 over trailing axes only."""
+    rows = call.layout == -1 or getattr(call.layout, "kind", None) == "rows"
+    return _addressable(call, _FLOATS + _HALVES if rows else _FLOATS, (call.weight, call.bias))
+
+
 def _given_by_address(call: Call) -> bool:
-    """Whether the calls of ``call``'s plan key (BatchNorm with given statistics) can run
-    the channels kernel by address (``launchers.batch_norm_given_inference``): no gradient,
-    a C-contiguous non-empty float32/float64 input, parameters and statistics of its dtype,
-    statistics without gradient (the key fixes all of these)."""
-    x, mean, var = call.x, call.mean, call.var
+    """Whether the channels kernel can run ``call``'s plan (BatchNorm with given statistics)
+    by address (``launchers.batch_norm_given_inference``): statistics of x's dtype, without
+    gradient."""
+    mean, var = call.mean, call.var
     return (
         call.spec.stats == "given"
         and call.spec.center  # BatchNorm; not PowerNorm's quadratic mean
-        and not _needs_grad(call)
-        and x.is_contiguous()
-        and x.numel() > 0
-        and x.dtype in (torch.float32, torch.float64)
-        and all(t is None or t.dtype == x.dtype for t in (call.weight, call.bias))
-        and all(t is not None and t.dtype == x.dtype for t in (mean, var))
+        and mean is not None
+        and var is not None
         and not (mean.requires_grad or var.requires_grad)
+        and _addressable(call, _FLOATS, (call.weight, call.bias, mean, var))
     )
 
 
 def _groups_by_address(call: Call) -> bool:
-    """Whether the calls of ``call``'s plan key (GroupNorm/InstanceNorm in the groups
-    layout) can run the groups kernel by address (``launchers.group_norm_inference``): no
-    mask, no gradient, a C-contiguous non-empty float32/float64 input, parameters of its
-    dtype (the key fixes all of these)."""
-    x = call.x
+    """Whether the groups kernel can run ``call``'s plan (GroupNorm/InstanceNorm in the
+    groups layout) by address (``launchers.group_norm_inference``): no mask."""
     return (
         getattr(call.layout, "kind", None) == "groups"
         and call.mask is None
         and not call.spec.masked
         and call.spec.stats == "batch"
-        and not _needs_grad(call)
-        and x.is_contiguous()
-        and x.numel() > 0
-        and x.dtype in (torch.float32, torch.float64)
-        and all(t is None or t.dtype == x.dtype for t in (call.weight, call.bias))
+        and _addressable(call, _FLOATS, (call.weight, call.bias))
     )
 
 
