@@ -96,6 +96,22 @@ WITNESS = {
 INFERENCE_SERIAL_BELOW = 1 << 16
 
 
+def _by_address(family, name, view, dtype, addresses, *example):
+    """(entry point, pool, ones, zeros) of the by-address kernel ``name`` of ``family``: its
+    ``_serial`` version below ``INFERENCE_SERIAL_BELOW`` elements of ``view`` (pool: the
+    element count to sync threads for, else None), compiled (or loaded) for ``addresses``
+    integer addresses, ``view``'s sizes and ``example``'s types; ones and zeros stand for an
+    absent weight and bias (view[1] elements of ``dtype``)."""
+    from normlab.kernels.cpu import pointers
+
+    elements = int(np.prod(view, dtype=np.int64))
+    pool = elements if elements >= INFERENCE_SERIAL_BELOW else None
+    kernel = getattr(_kernels(family), name if pool else name + "_serial")
+    entry = pointers.direct(kernel, *(0,) * addresses, *view, *example)
+    c = view[1]
+    return entry, pool, torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
+
+
 def norm_inference(kind, view, dtype, center):
     """A runner ``(x, weight, bias, eps) -> y`` of LayerNorm (``center``) or RMSNorm without
     statistics, for inputs whose memory is ``view``: (rows, N) normalized along N
@@ -107,23 +123,18 @@ def norm_inference(kind, view, dtype, center):
     no statistics are written, the serial kernel runs below ``INFERENCE_SERIAL_BELOW``
     elements (no thread pool to wake); the output is ``torch.empty_like(x)``, as torch's
     ops give."""
-    from normlab.kernels.cpu import pointers, runtime
+    from normlab.kernels.cpu import runtime
 
-    elements = int(np.prod(view, dtype=np.int64))
-    pool = elements >= INFERENCE_SERIAL_BELOW
     name = ("row" if kind == "rows" else "column") + "_norm_inference"
     witness, center = WITNESS[dtype], bool(center)
-    kernel = getattr(_kernels(kind), name if pool else name + "_serial")
-    kernel = pointers.direct(kernel, 0, 0, 0, 0, *view, 0.0, center, witness)
-    n = view[1]
-    ones, zeros = torch.ones(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    kernel, pool, ones, zeros = _by_address(kind, name, view, dtype, 4, 0.0, center, witness)
 
     def run(x, weight, bias, eps):
         weight = ones if weight is None else weight.contiguous()
         bias = zeros if bias is None else bias.contiguous()
         y = torch.empty_like(x)
         if pool:
-            runtime.sync_threads(elements)
+            runtime.sync_threads(pool)
         x_at, y_at = x.data_ptr(), y.data_ptr()
         kernel(x_at, weight.data_ptr(), bias.data_ptr(), y_at, *view, eps, center, witness)
         return y
@@ -173,23 +184,19 @@ def group_norm_inference(view, dtype, groups):
     inputs whose memory is ``view`` = (B, C, S), C-contiguous, of ``dtype`` (float32 or
     float64), weight and bias of C elements of it or None, on the CPU: what a plan's key
     guarantees. By address, as ``norm_inference``."""
-    from normlab.kernels.cpu import pointers, runtime
+    from normlab.kernels.cpu import runtime
 
-    elements = int(np.prod(view, dtype=np.int64))
-    pool = elements >= INFERENCE_SERIAL_BELOW
     witness = WITNESS[dtype]
-    module = _kernels("groups")
-    kernel = module.group_norm_inference if pool else module.group_norm_inference_serial
-    kernel = pointers.direct(kernel, 0, 0, 0, 0, *view, groups, 0.0, witness)
-    c = view[1]
-    ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
+    kernel, pool, ones, zeros = _by_address(
+        "groups", "group_norm_inference", view, dtype, 4, groups, 0.0, witness
+    )
 
     def run(x, weight, bias, eps):
         weight = ones if weight is None else weight.contiguous()
         bias = zeros if bias is None else bias.contiguous()
         y = torch.empty_like(x)
         if pool:
-            runtime.sync_threads(elements)
+            runtime.sync_threads(pool)
         x_at, y_at = x.data_ptr(), y.data_ptr()
         kernel(x_at, weight.data_ptr(), bias.data_ptr(), y_at, *view, groups, eps, witness)
         return y
@@ -265,16 +272,12 @@ def batch_norm_given_inference(view, dtype):
     float64), weight and bias of C elements of it or None, mean and var of C elements of
     it, on the CPU: what a plan's key guarantees. By address, as
     ``norm_inference``."""
-    from normlab.kernels.cpu import pointers, runtime
+    from normlab.kernels.cpu import runtime
 
-    elements = int(np.prod(view, dtype=np.int64))
-    pool = elements >= INFERENCE_SERIAL_BELOW
     witness = WITNESS[dtype]
-    channels = _kernels("channels")
-    kernel = channels.given_inference if pool else channels.given_inference_serial
-    kernel = pointers.direct(kernel, 0, 0, 0, 0, 0, 0, *view, 0.0, witness)
-    c = view[1]
-    ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
+    kernel, pool, ones, zeros = _by_address(
+        "channels", "given_inference", view, dtype, 6, 0.0, witness
+    )
 
     def run(x, weight, bias, eps, mean, var):
         weight = ones if weight is None else weight.contiguous()
@@ -282,7 +285,7 @@ def batch_norm_given_inference(view, dtype):
         mean, var = mean.contiguous(), var.contiguous()
         y = torch.empty_like(x)
         if pool:
-            runtime.sync_threads(elements)
+            runtime.sync_threads(pool)
         x_at, y_at, w_at, b_at = x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr()
         kernel(x_at, w_at, b_at, mean.data_ptr(), var.data_ptr(), y_at, *view, eps, witness)
         return y
