@@ -338,16 +338,21 @@ def test_power_norm_after_warmup_kernel_equals_composite(shape, dim, masked, dty
 # --- dispatch ---------------------------------------------------------------------------------
 
 
-def test_non_contiguous_input_runs_torchs_op_and_agrees():
+def test_rows_of_any_strides_run_the_kernel_on_their_values():
+    """Rows whose features are not contiguous (every other element) run the rows kernel on
+    one contiguous copy: the contiguous input's bits, with and without gradient."""
     x = torch.randn(8, 2 * 769)[:, ::2]
     assert not x.is_contiguous()
     with backends.use("auto"):
         y = NF.layer_norm(x, (769,))
-        assert backends.last_used() == "torch"
+        assert backends.last_used() == "numba"
+        y_grad = NF.layer_norm(x, (769,), torch.ones(769, requires_grad=True))
+        assert backends.last_used() == "numba"
     with backends.use("numba"):
         y_contiguous = NF.layer_norm(x.contiguous(), (769,))
         assert backends.last_used() == "numba"
-    torch.testing.assert_close(y, y_contiguous, **tol(torch.float32))
+    torch.testing.assert_close(y, y_contiguous, rtol=0, atol=0)
+    torch.testing.assert_close(y_grad, y_contiguous, rtol=0, atol=0)
 
 
 def _bfloat16_group_norm():
@@ -358,7 +363,10 @@ def _bfloat16_group_norm():
 @pytest.mark.parametrize(
     ("call", "reason"),
     [
-        (lambda: NF.layer_norm(torch.randn(4, 10)[:, ::2], (5,)), "not contiguous"),
+        (
+            lambda: NF.layer_norm(torch.randn(4, 6, 5).transpose(0, 2), (6,), dim=1),
+            "not contiguous",
+        ),
         (_bfloat16_group_norm, "dtype torch.bfloat16: .* rows layout only"),
     ],
 )

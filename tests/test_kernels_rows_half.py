@@ -428,9 +428,8 @@ def test_auto_routes_half_rows_to_numba_from_the_size_thresholds(dtype, monkeypa
     """Under "auto" with the real thresholds: a half LayerNorm/RMSNorm that needs a gradient
     runs Numba at any size (torch's half gradient is refused, and below AUTO_MIN_ELEMENTS the
     kernel's launch still costs less than the composite); without a gradient Numba too
-    (its plan launches the kernel by address, faster than torch's op at every size); a
-    strided input without a gradient goes to torch's op (the rows kernels take contiguous
-    rows only)."""
+    (its plan launches the kernel by address, faster than torch's op at every size), also
+    for a strided input (on a contiguous copy)."""
     if not backends.numba_available():
         pytest.skip("numba not installed")
     monkeypatch.setattr(backends, "AUTO_MIN_ELEMENTS", 1 << 15)  # conftest sets 0
@@ -439,8 +438,8 @@ def test_auto_routes_half_rows_to_numba_from_the_size_thresholds(dtype, monkeypa
         (64, True, False, "numba"),  # 32K elements
         (2, True, False, "numba"),
         (64, False, False, "numba"),
-        (64, False, True, "torch"),
-        (2048, False, True, "torch"),  # 1M elements
+        (64, False, True, "numba"),
+        (2048, False, True, "numba"),  # 1M elements
     ):
         x = torch.randn(rows, 1024 if strided else 512).to(dtype)
         x = (x[:, ::2] if strided else x).requires_grad_(grad)

@@ -363,6 +363,100 @@ def test_inference_runs_the_rows_kernel_by_address_with_the_full_paths_bits(
     torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
 
 
+def _strided_rows(kind, dtype):
+    """(x, normalized_shape): a view whose rows of contiguous features are evenly spaced
+    in a larger storage, as a split of a fused projection gives."""
+    torch.manual_seed(0)
+
+    def data(*shape):
+        return (torch.randn(shape, dtype=torch.float64) * 3 + 100).to(dtype)
+
+    if kind == "first-half":  # 64K elements: the pool
+        return data(64, 2048)[:, :1024], (1024,)
+    if kind == "middle-third":  # at an offset, two leading axes
+        return data(2, 5, 24)[..., 8:16], (8,)
+    if kind == "every-other-row":
+        return data(6, 16)[::2], (16,)
+    if kind == "expanded":  # one row read four times (step 0)
+        return data(16).expand(4, 16), (16,)
+    if kind == "every-other-element":  # not rows of contiguous features: one copy
+        return data(6, 32)[:, ::2], (16,)
+    if kind == "transposed":
+        return data(16, 6).t(), (16,)
+    return data(4, 2, 5, 6)[:, 0], (5, 6)  # two normalized axes, rows of 30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "first-half",
+        "middle-third",
+        "every-other-row",
+        "expanded",
+        "two-axes",
+        "every-other-element",
+        "transposed",
+    ],
+)
+@pytest.mark.parametrize("backend", ["numba", "auto"])
+def test_strided_rows_without_gradient_run_the_rows_kernel_by_address(dtype, kind, backend):
+    """LayerNorm/RMSNorm without gradient of a strided view runs the rows kernel by address
+    once planned: on the view itself where its rows (the normalized features, contiguous)
+    are evenly spaced, else on one contiguous copy. The full path's bits (which normalize a
+    contiguous copy), a C-contiguous output as torch's ops give, and the float64
+    reference's values."""
+    if not backends.numba_available():
+        pytest.skip("numba is not installed")
+    x, normalized = _strided_rows(kind, dtype)
+    assert not x.is_contiguous()
+    weight, bias = torch.randn(normalized, dtype=dtype), torch.randn(normalized, dtype=dtype)
+    with backends.use(backend), torch.inference_mode():
+        for name, args in (
+            ("layer_norm", (x, normalized, weight, bias)),
+            ("layer_norm", (x, normalized)),
+            ("rms_norm", (x, normalized, weight, 1e-6)),
+        ):
+            fn = getattr(F, name)
+            first = _unplanned(fn, *args)
+            for _ in range(2):
+                y = fn(*args)
+                assert backends.last_used() == "numba"
+                assert y.is_contiguous() and y.shape == x.shape and y.dtype == dtype
+                torch.testing.assert_close(y, first, rtol=0, atol=0)
+            # the plan is the by-address launch, not a copy and the kernel's op
+            assert [r.__name__ for r in plans._plans.values()] == ["inference"]
+            plans.clear()
+        got = F.layer_norm(x, normalized, weight, bias)
+    want = torch.nn.functional.layer_norm(x.double(), normalized, weight.double(), bias.double())
+    atol = {torch.float32: 2e-5, torch.float64: 1e-12}.get(dtype, 0.1)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("kind", ["first-half", "every-other-row", "two-axes"])
+def test_strided_rows_with_a_gradient_run_the_kernel_on_one_copy(kind):
+    """With a gradient the rows kernel normalizes a contiguous copy of the strided view (the
+    copy is part of the graph): the gradients of the view's parent equal the float64
+    reference's, and are zero where the view does not reach."""
+    if not backends.numba_available():
+        pytest.skip("numba is not installed")
+    view, normalized = _strided_rows(kind, torch.float64)
+    parent = view._base.detach().clone().requires_grad_()
+    x = parent.as_strided(view.shape, view.stride(), view.storage_offset())
+    weight = torch.randn(normalized, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(view.shape, dtype=torch.float64)
+    with backends.use("numba"):
+        y = F.layer_norm(x, normalized, weight)
+        assert backends.last_used() == "numba"
+    got = torch.autograd.grad(y, (parent, weight), grad)
+    x_ref = parent.as_strided(view.shape, view.stride(), view.storage_offset())
+    want = torch.autograd.grad(
+        torch.nn.functional.layer_norm(x_ref, normalized, weight), (parent, weight), grad
+    )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 96, 16, 16), (2, 5, 3), (4, 96, 32, 32)])
 @pytest.mark.parametrize("backend", ["numba", "auto"])

@@ -46,6 +46,13 @@ def _calls(n, c, length, dtype, device):
         ),
         "layer_norm-dim1": lambda: F.layer_norm(x(), (c,), ones(c), zeros(c), dim=1),
         "layer_norm-non-contiguous": lambda: F.layer_norm(x(*rows).t(), (n * length,)),
+        # every row's first c of 2c features (a split of a fused projection)
+        "layer_norm-strided-rows": lambda: F.layer_norm(
+            x(n * length, 2 * c)[:, :c], (c,), ones(c), zeros(c)
+        ),
+        "rms_norm-strided-rows-training": lambda: F.rms_norm(
+            x(n * length, 2 * c)[:, :c], (c,), ones(c).requires_grad_()
+        ),
         "rms_norm": lambda: F.rms_norm(x(*rows), (c,), ones(c)),
         "add_layer_norm": lambda: F.add_layer_norm(x(*rows), x(*rows), (c,), ones(c)),
         "group_norm": lambda: F.group_norm(x(), 4, ones(c), zeros(c)),
@@ -105,7 +112,12 @@ CPU_ROUTES = {
     # channels-first LayerNorm without gradient: the column kernel by address at every size
     # (not bf16); with one, from AUTO_TORCH_COLUMN_ELEMENTS on
     "layer_norm-dim1": "N N T N N T N N T",
-    "layer_norm-non-contiguous": "T T T T T T T T T",
+    # strided rows without gradient: the rows kernel by address, on one contiguous copy
+    # (transposed here) or in place (evenly spaced rows of contiguous features)
+    "layer_norm-non-contiguous": "N N N N N N N N N",
+    "layer_norm-strided-rows": "N N N N N N N N N",
+    # with a gradient as contiguous rows: the kernel on one copy from the training bound on
+    "rms_norm-strided-rows-training": "T T N T T N N N N",
     "rms_norm": "N N N N N N N N N",
     "add_layer_norm": "T T T T T T N N N",
     # GroupNorm/InstanceNorm without mask and gradient: the groups kernel by address
@@ -207,7 +219,10 @@ CHANNELS = NormSpec((0, 2), (1,))
             lambda: _call(torch.randn(4, 8).to(torch.int32), ROWS),
             "input dtype torch.int32, the numba kernels take float32, float64, float16, bfloat16",
         ),
-        (lambda: _call(torch.randn(8, 4).t(), ROWS), "input is not contiguous"),
+        (
+            lambda: _call(torch.randn(5, 4, 6).transpose(0, 2), CHANNELS),
+            "input is not contiguous (the Numba kernels take strided rows only)",
+        ),
         (lambda: _call(torch.randn(0, 8), ROWS), "empty input"),
         (
             lambda: _call(torch.randn(4, 8), ROWS, torch.ones(1, 8, dtype=torch.float64)),
@@ -242,6 +257,17 @@ CHANNELS = NormSpec((0, 2), (1,))
 )
 def test_numba_refuses_with_the_reason(make, reason):
     assert reason in registry.NUMBA.takes(make())
+
+
+def test_numba_takes_strided_rows():
+    """Rows of any strides: read in place (evenly spaced rows, without gradient, once
+    planned) or as one contiguous copy."""
+    if not backends.numba_available():
+        pytest.skip("numba is not installed")
+    for x in (torch.randn(8, 4).t(), torch.randn(4, 16)[:, :8], torch.randn(8).expand(4, 8)):
+        call = _call(x, ROWS)
+        assert registry.NUMBA.takes(call) is None
+        assert call.layout.kind == "rows"
 
 
 def test_numba_takes_sets_the_layout():

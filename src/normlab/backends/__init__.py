@@ -4,6 +4,8 @@
   ops. They take contiguous float32/float64 CPU tensors in the layouts they were written
   for (``normlab.spec.layout``), and float16/bfloat16 in the rows layout (LayerNorm,
   RMSNorm and the fused add over trailing axes; float32 arithmetic, output rounded once).
+  Rows of any strides too: evenly spaced rows of contiguous features are read in place by
+  a planned call without gradient, other strides as one contiguous copy.
 - ``"triton"``: the fused GPU kernels (``normlab.kernels.gpu``, the optional extra
   ``normlab[gpu]``), behind the same custom ops. They take contiguous float32, float16 and
   bfloat16 CUDA tensors in the same layouts (float64 runs the composite: the kernels
@@ -20,9 +22,10 @@
 - ``"auto"`` (default): on CUDA tensors ``"triton"`` where it applies (when installed); on
   CPU tensors, a call without gradient to LayerNorm/RMSNorm (over trailing axes, or one
   other axis), to GroupNorm/InstanceNorm without a mask or to BatchNorm with given
-  statistics on a contiguous input goes to
-  ``"numba"`` at every size: once planned, its kernel is launched by address, faster than
-  torch's op from one row on (``normlab.kernels.cpu.pointers``); other calls go to
+  statistics on a contiguous input (LayerNorm/RMSNorm over trailing axes: any strides)
+  goes to ``"numba"`` at every size: once planned, its kernel is launched by address,
+  faster than torch's op from one row on (``normlab.kernels.cpu.pointers``); evenly spaced
+  rows are read in place, other strides copied once; other calls go to
   ``"numba"`` where it applies and the input has at least
   ``AUTO_MIN_ELEMENTS`` elements (below that, the fixed cost of a kernel call outweighs
   its speed), except the LayerNorm/RMSNorm/GroupNorm/InstanceNorm calls that ``"torch"``

@@ -9,8 +9,9 @@ the same ``key`` run that runner directly. Nothing is decided twice: the runner 
 decision, made once.
 
 The key holds everything the checks and the decision read: the entry point, the arguments
-(``normalized_shape``, ``dim``, ``eps``), the input's shape, dtype, device and contiguity,
-the parameters' shapes, dtypes and devices, whether the call needs a gradient ("auto"'s
+(``normalized_shape``, ``dim``, ``eps``), the input's shape, dtype, device and contiguity
+(its strides where it is not contiguous: the Numba rows kernel reads evenly spaced rows in
+place), the parameters' shapes, dtypes and devices, whether the call needs a gradient ("auto"'s
 size bounds differ, and the torch family refuses float16/bfloat16 gradients), the requested
 backend and the size thresholds of "auto".
 Plans are eager only: no key (the full path) under ``torch.compile``, TorchScript tracing
@@ -58,7 +59,7 @@ def key(fn: str, x, eps, tensors, *args):
         x.shape,
         x.dtype,
         x.device,
-        x.is_contiguous(),
+        x.is_contiguous() or x.stride(),  # strides: where a kernel reads strided rows
         backends.get_backend(),
         backends.AUTO_MIN_ELEMENTS,
         backends.AUTO_TORCH_ELEMENTS,

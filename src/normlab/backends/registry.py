@@ -131,8 +131,6 @@ def _kernel_takes(family: str):
         reason = _device_reason(x, family)
         if reason is not None:
             return reason
-        if not x.is_contiguous():
-            return "input is not contiguous"
         if x.numel() == 0:
             return "empty input"
         for t in (call.weight, call.bias, call.mean, call.var):
@@ -145,6 +143,8 @@ def _kernel_takes(family: str):
         found = spec.layout(call.spec, x.shape, affine)
         if isinstance(found, str):
             return found
+        if not x.is_contiguous() and (family != "numba" or found.kind != "rows"):
+            return "input is not contiguous (the Numba kernels take strided rows only)"
         if call.residual is not None and (
             found.kind != "rows" or not call.residual.is_contiguous()
         ):
@@ -180,7 +180,8 @@ def _kernel_forward(family: str):
         x, layout, eps = call.x, call.layout, float(call.eps)
         acc = composite.accumulation_dtype(x.dtype)
         keep = call.spec.keep_shape(x.shape)
-        view = x.reshape(layout.view)
+        # strided rows: one copy (a plan without gradient reads evenly spaced rows in place)
+        view = x.reshape(layout.view).contiguous()
         w, b = _flat(call.weight), _flat(call.bias)
         if layout.kind == "rows":
             y, mean, rstd = kernel_ops.row_norm(view, w, b, eps, call.spec.center, family)
@@ -207,7 +208,7 @@ def _kernel_add(family: str):
     def add(call: Call):
         x, view = call.x, call.layout.view
         y, total, _, _ = kernel_ops.add_row_norm(
-            x.reshape(view),
+            x.reshape(view).contiguous(),  # strided rows: one copy
             call.residual.reshape(view),
             _flat(call.weight),
             _flat(call.bias),
@@ -250,7 +251,10 @@ def _kernel_plan(family: str):
         if family == "numba" and name in ("row_norm", "column_norm") and _pointer_launch(call):
             from normlab.kernels.cpu import launchers
 
-            launch = launchers.norm_inference(layout.kind, view, call.x.dtype, center)
+            x = call.x
+            step = None if x.is_contiguous() else _row_step(x, view)
+            copy = step is None and not x.is_contiguous()  # rows of other strides
+            launch = launchers.norm_inference(layout.kind, view, x.dtype, center, step, copy)
 
             def inference(x, weight, bias, eps):
                 _last["backend"] = "numba"
@@ -282,7 +286,7 @@ def _kernel_plan(family: str):
         def run(x, weight, bias, eps, *stats):
             backends.record(family)
             tensors = (
-                x.reshape(view),  # a copy where the input is not contiguous
+                x.reshape(view).contiguous(),  # strided rows: one copy
                 None if weight is None else weight.reshape(-1),
                 None if bias is None else bias.reshape(-1),
                 *stats,
@@ -301,25 +305,40 @@ _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.bfloat16, torch.float16)
 
 
-def _addressable(call: Call, dtypes, tensors) -> bool:
+def _addressable(call: Call, dtypes, tensors, rows=False) -> bool:
     """What every by-address launch needs of the calls of ``call``'s plan key (the key fixes
-    all of it): no gradient, a C-contiguous non-empty input of one of ``dtypes``, and
-    ``tensors`` (parameters, statistics) of its dtype or None."""
+    all of it): no gradient, a non-empty input of one of ``dtypes``, C-contiguous unless
+    ``rows`` (the rows kernel reads evenly spaced rows in place and a contiguous copy of
+    other strides), and ``tensors`` (parameters, statistics) of its dtype or None."""
     x = call.x
     return (
         not _needs_grad(call)
-        and x.is_contiguous()
         and x.numel() > 0
+        and (rows or x.is_contiguous())
         and x.dtype in dtypes
         and all(t is None or t.dtype == x.dtype for t in tensors)
     )
 
 
+def _row_step(x, view) -> int | None:
+    """The bytes from one row's start to the next's when x is ``view`` = (rows, N): rows of
+    N contiguous elements evenly spaced (C-contiguous; or a view of each row's first
+    features, a split of a fused projection; or an expanded row); None for other strides."""
+    try:
+        rows = x.view(view)
+    except RuntimeError:
+        return None
+    if view[1] > 1 and rows.stride(1) != 1:
+        return None
+    return rows.stride(0) * x.element_size()
+
+
 def _pointer_launch(call: Call) -> bool:
     """Whether the rows or columns kernel can run ``call``'s plan by address
-    (``launchers.norm_inference``): float16/bfloat16 over trailing axes only."""
+    (``launchers.norm_inference``): float16/bfloat16 and strides over trailing axes only."""
     rows = call.layout == -1 or getattr(call.layout, "kind", None) == "rows"
-    return _addressable(call, _FLOATS + _HALVES if rows else _FLOATS, (call.weight, call.bias))
+    dtypes = _FLOATS + _HALVES if rows else _FLOATS
+    return _addressable(call, dtypes, (call.weight, call.bias), rows)
 
 
 def _given_by_address(call: Call) -> bool:

@@ -128,6 +128,7 @@ def _path_cases(decode: int, half: tuple[int, int], image, strided, small_image)
         ),
         Case("layer_norm", image, layout="channels_first"),
         Case("layer_norm", strided, layout="strided"),
+        Case("layer_norm", strided, layout="strided", inference=True),
     ]
 
 
@@ -157,6 +158,7 @@ GRIDS: dict[str, list[Case]] = {
         Case("layer_norm", (8192, 1024), dtype="bfloat16"),
         Case("layer_norm", (16, 96, 56, 56), layout="channels_first"),
         Case("layer_norm", (2048, 1024), layout="strided"),
+        Case("layer_norm", (2048, 1024), layout="strided", inference=True),
         Case("batch_norm", (1, 256, 14, 14), channel_dim=1, training=False),
         Case("group_norm", (1, 256, 14, 14), groups=32),
         Case("batch_norm", (64, 256, 512), channel_dim=1),

@@ -10,6 +10,7 @@ two copy references, are timed in interleaved rounds (``timing.interleaved``).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ def normlab_backends(device: str) -> tuple[str, ...]:
 
 COPY_INPLACE = "copy_"
 COPY_CLONE = "clone"
+TWO_PASS = "two-pass"  # BatchNorm training's bound on the CPU (``traffic.rereads``)
 TORCH_COMPILE = "torch.compile"
 
 Emit = Callable[[dict], None]
@@ -207,6 +209,11 @@ def _runners(contenders, workload: Workload, case: Case, direction: str, device:
             )
     # The references: a copy of half the traffic (read n bytes, write n bytes).
     runners[COPY_INPLACE], runners[COPY_CLONE] = gpu.copy_runners(moved // 2, device, inner)
+    reread = traffic.rereads(case, direction) * math.prod(case.shape) * case.element_size
+    if reread and device == "cpu":  # a second read of the input: the two-pass bound
+        runners[TWO_PASS] = timing.two_pass_runner(
+            torch.randn(reread // 4), torch.randn(max(1, moved // 8)), inner
+        )
     return runners
 
 
@@ -252,6 +259,7 @@ def measure_case(case: Case, settings: Settings, seed: int, emit: Emit) -> dict:
         "copies": {
             COPY_INPLACE: "dst.copy_(src), preallocated destination",
             COPY_CLONE: "src.clone(), allocating (as every contender allocates its outputs)",
+            TWO_PASS: traffic.MODEL["two-pass bound"] + " (BatchNorm training on the CPU)",
         },
         "directions": {},
     }

@@ -8,15 +8,17 @@ case and direction:
   contender allocates its outputs; ``copy_`` into a preallocated buffer is reported too);
 - ``eager``: the fastest plain-torch implementation (torch eager; for masked BatchNorm the
   faster plain-torch masked variant);
-- ``compile``: the fastest ``torch.compile`` contender (of the same functions).
+- ``compile``: the fastest ``torch.compile`` contender (of the same functions);
+- ``two_pass``: BatchNorm training's two-pass bound on the CPU (``traffic.rereads``), where
+  timed.
 """
 
 from __future__ import annotations
 
-from normlab.bench.measure import COPY_CLONE, COPY_INPLACE
+from normlab.bench.measure import COPY_CLONE, COPY_INPLACE, TWO_PASS
 
 COPY_REFERENCE = COPY_CLONE
-COPIES = (COPY_INPLACE, COPY_CLONE)
+COPIES = (COPY_INPLACE, COPY_CLONE, TWO_PASS)  # references, not contenders
 
 
 def _fastest(timings: dict, contenders: dict, role: str) -> str | None:
@@ -31,6 +33,7 @@ def direction_ratios(direction: dict, contenders: dict) -> None:
         "copy": COPY_REFERENCE,
         "eager": _fastest(timings, contenders, "eager"),
         "compile": _fastest(timings, contenders, "compile"),
+        "two_pass": TWO_PASS if TWO_PASS in timings else None,
     }
     wanted = {"eager": ("copy",), "compile": ("copy", "eager"), "normlab": tuple(references)}
     ratios = {}

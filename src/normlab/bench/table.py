@@ -24,6 +24,8 @@ THROUGHPUT_NOTES = [
     "that same function, steady state.",
     "x copy / x eager / x compile: reference median time / normlab auto median time "
     "(above 1: normlab faster).",
+    "x two-pass (BatchNorm training, CPU): the time of summing the tensors a two-pass "
+    "BatchNorm reads twice (forward x; backward x and dy) plus the copy, over normlab auto's.",
     "n/a: backend unavailable for this case; skipped/failed: see the JSON note.",
 ]
 
@@ -78,6 +80,7 @@ THROUGHPUT_HEADER = [
     "x copy",
     "x eager",
     "x compile",
+    "x two-pass",
 ]
 
 
@@ -119,7 +122,7 @@ def throughput_rows(mode: dict) -> list[list[str]]:
                     str(auto.get("backend_ran") or "-"),
                     *(
                         _ratio_cell(direction, "normlab auto", kind)
-                        for kind in ("copy", "eager", "compile")
+                        for kind in ("copy", "eager", "compile", "two_pass")
                     ),
                 ]
             )

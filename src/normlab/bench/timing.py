@@ -94,6 +94,22 @@ def copy_runner(source: torch.Tensor, destination: torch.Tensor | None, inner: i
     return run
 
 
+def two_pass_runner(reread: torch.Tensor, source: torch.Tensor, inner: int = 1) -> Runner:
+    """Times ``reread.sum()`` then ``source.clone()``: a pass that only reads, then the
+    allocating copy (the two-pass bound of ``traffic.MODEL``)."""
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(inner):
+            total = reread.sum()
+            result = source.clone()
+        elapsed = time.perf_counter() - start
+        del result, total
+        return elapsed / inner
+
+    return run
+
+
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """Collect once, then keep Python's cyclic collector out of the timed loop."""

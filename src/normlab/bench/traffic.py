@@ -26,6 +26,11 @@ MODEL = {
         "(the input's and the residual's gradients are the same tensor) (4 tensors)"
     ),
     "not counted": "weights, biases, statistics, running buffers, masks, lengths",
+    "two-pass bound": (
+        "BatchNorm with batch statistics over an input larger than the cache reads it twice "
+        "(the statistics, then the normalization): the time of summing the tensors read "
+        "twice (forward x; backward x and dy) plus the copy of half the traffic"
+    ),
 }
 """The model in words, as written into the JSON and the docs."""
 
@@ -37,6 +42,15 @@ def tensors_moved(case: Case, direction: str) -> int:
     if case.op in FUSED_ADD_OPS:
         return 4
     return 2 if direction == "forward" else 3
+
+
+def rereads(case: Case, direction: str) -> int:
+    """Full-size tensors that a two-pass implementation reads a second time: BatchNorm with
+    batch statistics, whose normalization needs statistics over the whole batch (forward:
+    x; backward: x and dy); 0 for the others (one pass over each row or group, in cache)."""
+    if case.op != "batch_norm" or not case.training or case.inference:
+        return 0
+    return 1 if direction == "forward" else 2
 
 
 def traffic_bytes(case: Case, direction: str, element_size: int | None = None) -> int:

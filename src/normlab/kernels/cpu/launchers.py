@@ -112,34 +112,51 @@ def _by_address(family, name, view, dtype, addresses, *example):
     return entry, pool, torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
 
 
-def norm_inference(kind, view, dtype, center):
+def norm_inference(kind, view, dtype, center, step=None, copy=False):
     """A runner ``(x, weight, bias, eps) -> y`` of LayerNorm (``center``) or RMSNorm without
     statistics, for inputs whose memory is ``view``: (rows, N) normalized along N
     (``kind`` "rows", any kernel dtype) or (A, C, B) normalized along C ("columns",
     float32/float64); C-contiguous, of ``dtype``, on the CPU, with weight and bias of
     view[1] elements of that dtype or None: what a plan's key guarantees
-    (``normlab.backends.plans``). A decode-size call costs little more than its work: the
-    tensors go to the kernel as addresses (``pointers``), through its compiled entry point,
-    no statistics are written, the serial kernel runs below ``INFERENCE_SERIAL_BELOW``
-    elements (no thread pool to wake); the output is ``torch.empty_like(x)``, as torch's
-    ops give."""
+    (``normlab.backends.plans``). Rows only: ``step``, the bytes from one row's start to
+    the next's where x is not C-contiguous (each row's N elements contiguous; the key then
+    holds x's strides); ``copy``: x has other strides, the kernel reads a contiguous copy.
+    A decode-size call costs little more than its work: the tensors go to the kernel as
+    addresses (``pointers``), through its compiled entry point, no statistics are written,
+    the serial kernel runs below ``INFERENCE_SERIAL_BELOW`` elements (no thread pool to
+    wake); the output is C-contiguous, as torch's ops give."""
     from normlab.kernels.cpu import runtime
 
-    name = ("row" if kind == "rows" else "column") + "_norm_inference"
     witness, center = WITNESS[dtype], bool(center)
-    kernel, pool, ones, zeros = _by_address(kind, name, view, dtype, 4, 0.0, center, witness)
+    if kind == "columns":
+        kernel, pool, ones, zeros = _by_address(
+            kind, "column_norm_inference", view, dtype, 4, 0.0, center, witness
+        )
+        between = ()
+    else:
+        kernel, pool, ones, zeros = _by_address(
+            kind, "row_norm_inference", view, dtype, 5, 0.0, center, witness
+        )
+        between = (view[1] * witness.itemsize if step is None else step,)
+    new = torch.empty_like if step is None else _contiguous_like
 
     def run(x, weight, bias, eps):
+        if copy:
+            x = x.contiguous()
         weight = ones if weight is None else weight.contiguous()
         bias = zeros if bias is None else bias.contiguous()
-        y = torch.empty_like(x)
+        y = new(x)
         if pool:
             runtime.sync_threads(pool)
-        x_at, y_at = x.data_ptr(), y.data_ptr()
-        kernel(x_at, weight.data_ptr(), bias.data_ptr(), y_at, *view, eps, center, witness)
+        x_at, w_at, b_at, y_at = x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr()
+        kernel(x_at, *between, w_at, b_at, y_at, *view, eps, center, witness)
         return y
 
     return run
+
+
+def _contiguous_like(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def add_row_norm(x, residual, weight, bias, eps, center):

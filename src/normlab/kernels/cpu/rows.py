@@ -72,12 +72,11 @@ def _normalize_row(row, k, total, weight, bias, eps, center, out):
 
 
 @serial
-def _row(x, weight, bias, eps, center, y, r):
-    """Normalizes row r of x into row r of y; returns its (mean, rstd) in float64."""
-    xr = x[r]
+def _row(xr, weight, bias, eps, center, yr):
+    """Normalizes the row ``xr`` into ``yr``; returns its (mean, rstd) in float64."""
     k = _shift(xr, center)
     total = shifted_sum(xr, k) if center else compute(xr, 0.0)
-    return _normalize_row(xr, k, total, weight, bias, eps, center, y[r])
+    return _normalize_row(xr, k, total, weight, bias, eps, center, yr)
 
 
 @kernel
@@ -88,30 +87,40 @@ def row_norm_forward(x, weight, bias, eps, center, y, mean, rstd):
     rstd = 1 / sqrt(var + eps).
     """
     for r in prange(x.shape[0]):
-        mean[r], rstd[r] = _row(x, weight, bias, eps, center, y, r)
+        mean[r], rstd[r] = _row(x[r], weight, bias, eps, center, y[r])
 
 
 # Inference (no statistics kept) at the cost of the call alone: the tensors come as
 # addresses (``normlab.kernels.cpu.pointers``), the weight and bias as (N,) arrays of x's
-# element type (``witness``: a scalar of it), y is written in place.
+# element type (``witness``: a scalar of it), y (rows, N) C-contiguous is written in place.
+# Row r of x starts ``step`` bytes after row r - 1 (N elements for a contiguous x; more for
+# a view of every row's first features, as a split of a fused projection; any step, 0 for
+# an expanded row): each row is read where it lies, without a copy.
+
+
+@serial
+def _row_at(x_at, step, r, weight, bias, eps, center, y, witness):
+    """Normalizes the row of x at ``x_at + r * step`` into row r of y."""
+    xr = array_at(x_at + r * step, (y.shape[1],), witness)
+    _row(xr, weight, bias, eps, center, y[r])
 
 
 @serial_kernel
-def row_norm_inference_serial(x_at, weight_at, bias_at, y_at, rows, n, eps, center, witness):
+def row_norm_inference_serial(x_at, step, weight_at, bias_at, y_at, rows, n, eps, center, witness):
     """``row_norm_forward``'s y, on the calling thread, without mean and rstd."""
-    x, y = array_at(x_at, (rows, n), witness), array_at(y_at, (rows, n), witness)
+    y = array_at(y_at, (rows, n), witness)
     weight, bias = array_at(weight_at, (n,), witness), array_at(bias_at, (n,), witness)
     for r in range(rows):
-        _row(x, weight, bias, eps, center, y, r)
+        _row_at(x_at, step, r, weight, bias, eps, center, y, witness)
 
 
 @kernel
-def row_norm_inference(x_at, weight_at, bias_at, y_at, rows, n, eps, center, witness):
+def row_norm_inference(x_at, step, weight_at, bias_at, y_at, rows, n, eps, center, witness):
     """``row_norm_forward``'s y, one parallel task per row, without mean and rstd."""
-    x, y = array_at(x_at, (rows, n), witness), array_at(y_at, (rows, n), witness)
+    y = array_at(y_at, (rows, n), witness)
     weight, bias = array_at(weight_at, (n,), witness), array_at(bias_at, (n,), witness)
     for r in prange(rows):
-        _row(x, weight, bias, eps, center, y, r)
+        _row_at(x_at, step, r, weight, bias, eps, center, y, witness)
 
 
 @kernel
