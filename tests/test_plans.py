@@ -290,17 +290,19 @@ def test_group_norm_keeps_channels_last_on_a_planned_call():
 @pytest.mark.parametrize("backend", ["numba", "torch", "auto"])
 def test_planned_calls_on_non_contiguous_inputs(backend):
     """The kernels read a contiguous copy of a strided input (GroupNorm's grouped view makes
-    one): the planned call does the same."""
+    one; LayerNorm's rows one copy): the planned call does the same."""
     x = torch.randn(2, 3, 4, 8).transpose(1, 3)  # (2, 8, 4, 3), not contiguous
-    with backends.use(backend):
-        first = F.group_norm(x, 4)
-        again = F.group_norm(x, 4)
-        if backend != "numba":  # the rows kernels refuse a strided input (no hidden copy)
+    weight = torch.randn(8)
+    for w in (None, weight):  # (with a weight the kernel runs by address on the copy)
+        with backends.use(backend), torch.no_grad():
+            first = F.group_norm(x, 4, w)
+            again = [F.group_norm(x, 4, w) for _ in range(2)]
             rows = [F.layer_norm(x, (3,)) for _ in range(2)]
             torch.testing.assert_close(rows[1], rows[0], rtol=0, atol=0)
-    torch.testing.assert_close(again, first, rtol=0, atol=0)
-    want = torch.nn.functional.group_norm(x.double(), 4).float()
-    torch.testing.assert_close(first, want)
+        for y in again:
+            torch.testing.assert_close(y, first, rtol=0, atol=0)
+        want = torch.nn.functional.group_norm(x.double(), 4, None if w is None else w.double())
+        torch.testing.assert_close(first, want.float())
 
 
 _HALF = (torch.bfloat16, torch.float16)

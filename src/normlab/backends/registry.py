@@ -270,6 +270,9 @@ def _kernel_plan(family: str):
                 _last["backend"] = "numba"
                 return grouped(x, weight, bias, eps)
 
+            # it reads x by address: any view of the same contiguous memory (group_norm
+            # hands it the input rather than the grouped view)
+            groups_inference.by_address = True
             return groups_inference
         if family == "numba" and name == "batch_norm_given" and _given_by_address(call):
             from normlab.kernels.cpu import launchers
